@@ -1,0 +1,1 @@
+"""UR4Rec-MoE: a RecBole extension for federated, multimodal sequential recommendation."""

@@ -1,0 +1,39 @@
+"""The centralized baseline: the same model and windows, pooled across users, one optimizer."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .federated.client import make_optimizer, train_step
+from .training import RoundTrainer
+
+
+class CentralizedTrainer(RoundTrainer):
+    unit = "epoch"
+
+    def __init__(self, recbole_config, model, settings, run, meta):
+        super().__init__(recbole_config, model, settings, run, meta)
+        opt = settings["optim"]
+        self.local_optimizer = make_optimizer(model, opt["learning_rate"], opt["weight_decay"])
+        self.shuffler = np.random.default_rng(settings["seed"])
+
+    def units(self) -> int:
+        return self.settings["centralized"]["epochs"]
+
+    def train_unit(self, index, train_data, show_progress):
+        owner = np.repeat(np.arange(len(train_data.window_offsets) - 1), np.diff(train_data.window_offsets))
+        order = self.shuffler.permutation(len(owner))
+        size = self.settings["centralized"]["batch_size"]
+        generator = torch.Generator().manual_seed(self.settings["seed"] * 100_003 + index)
+        totals, weight_sum = {}, 0
+        self.model.train()
+        for start in range(0, len(order), size):
+            batch = order[start:start + size]
+            step = train_step(self.model, self.local_optimizer, train_data, torch.from_numpy(batch),
+                              owner[batch].tolist(), self.settings["loss"],
+                              self.settings["optim"]["clip_grad_norm"], generator)
+            weight = len(batch)
+            weight_sum += weight
+            for key, value in step.items():
+                totals[key] = totals.get(key, 0.0) + weight * value
+        return {key: value / weight_sum for key, value in totals.items()}, 0

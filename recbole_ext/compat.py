@@ -1,0 +1,81 @@
+"""Every workaround RecBole 1.2.1 needs on numpy 2, torch >= 2.6 and current Ray, in one place.
+
+RecBole 1.2.1 predates all three. What it trips over, and why each shim is here:
+
+* numpy 2 removed `np.float_`, `np.complex_`, `np.unicode_` (and long ago `np.float`, `np.int`, ...);
+  RecBole's `Config` and metric code still use them, so they are aliased back before any RecBole import.
+* torch >= 2.6 loads with `weights_only=True` by default; RecBole's own checkpoints pickle the `Config`
+  object, so they only load with `weights_only=False`. `load_recbole_checkpoint` does that explicitly,
+  for files RecBole itself wrote. The project's own checkpoints never need it.
+* `recbole.quick_start` imports Ray Tune at import time and its `run_recbole` cannot find a model
+  class outside RecBole; nothing here imports it.
+* `Config()` parses `--key=value` from `sys.argv`, so run.py's and pytest's flags would leak into the
+  config; `recbole_config` hides them. It also ignores `data_path` for a dataset named `ml-100k`
+  (it reads the package's bundled copy); `recbole_config` puts the user's folder back.
+* RecBole's `Trainer` writes `log_tensorboard/` relative to the working directory;
+  `writes_into` points it at the run folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_NUMPY_ALIASES = {
+    "float_": np.float64, "complex_": np.complex128, "unicode_": np.str_,
+    "float": np.float64, "int": np.int_, "bool": np.bool_, "object": np.object_,
+    "str": np.str_, "complex": np.complex128, "unicode": np.str_,
+}
+
+
+def patch_numpy() -> None:
+    """Restore the numpy aliases RecBole uses (idempotent)."""
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in np.__dict__:
+            setattr(np, name, value)
+
+
+patch_numpy()
+
+
+def recbole_config(model_class, dataset: str, config_dict: dict):
+    """Build a RecBole `Config` from `config_dict` alone, never from the command line."""
+    from recbole.config import Config
+
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        config = Config(model=model_class, dataset=dataset, config_dict=config_dict)
+    finally:
+        sys.argv = saved
+    if "data_path" in config_dict:
+        # For the dataset named "ml-100k", Config silently replaces data_path with the copy inside
+        # the RecBole package; honour the folder the user gave.
+        config["data_path"] = os.path.join(config_dict["data_path"], dataset)
+    return config
+
+
+def load_recbole_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by RecBole's own `Trainer` (it pickles its `Config`).
+
+    Only for files RecBole wrote on this machine: unpickling can run code.
+    """
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def writes_into(folder: str | Path):
+    """Run a block with `folder` as working directory, so RecBole's hard-coded relative
+    `log/` and `log_tensorboard/` land inside the run folder."""
+    previous = os.getcwd()
+    os.makedirs(folder, exist_ok=True)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)

@@ -1,0 +1,76 @@
+"""Each user's training sequence, cut into fixed-length windows for all-position training.
+
+A user's training pairs are (item at row j, item at row j + 1) for every training target; they are
+cut into windows of `max_len` from the most recent end, so only the oldest window is short. Every
+target is trained exactly once per pass, with causal attention inside its window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.ur4rec_moe import MEM_ROW
+
+
+@dataclass
+class TrainingWindows:
+    inputs: torch.Tensor        # [W, L] item ids, right-padded with 0
+    targets: torch.Tensor       # [W, L] next item at each position, 0 = padding
+    mem_rows: torch.Tensor      # [W, L] memory-table row of each target
+    window_offsets: np.ndarray  # [U + 1]: user u owns windows window_offsets[u]:window_offsets[u + 1]
+    history: list               # per user: np.ndarray of training item ids (negatives exclude them)
+    num_targets: np.ndarray     # [U] training targets per user (FedAvg weights)
+    n_items: int
+
+    @property
+    def clients(self) -> np.ndarray:
+        """Users with at least one training target: the federated clients."""
+        return np.flatnonzero(self.num_targets > 0)
+
+    def windows_of(self, users) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(
+            [np.arange(self.window_offsets[u], self.window_offsets[u + 1]) for u in users]))
+
+    def excluded(self, users) -> torch.Tensor:
+        """[len(users), n_items] bool: items a negative must not be (the history, and padding)."""
+        mask = torch.zeros(len(users), self.n_items, dtype=torch.bool)
+        mask[:, 0] = True
+        for row, u in enumerate(users):
+            mask[row, torch.from_numpy(self.history[u])] = True
+        return mask
+
+
+def build_training_windows(dataset, train_dataset, max_len: int) -> TrainingWindows:
+    """`dataset` is the full UR4RecDataset, `train_dataset` RecBole's training split of it."""
+    items = dataset.sequence_items
+    offsets = dataset.sequence_offsets
+    n_users = len(offsets) - 1
+    train_rows = train_dataset.inter_feat[MEM_ROW].numpy()
+    train_users = train_dataset.inter_feat[dataset.uid_field].numpy()
+    last_row = np.full(n_users, -1, dtype=np.int64)
+    np.maximum.at(last_row, train_users, train_rows)
+
+    inputs, targets, mem_rows, window_counts, history = [], [], [], np.zeros(n_users, np.int64), []
+    num_targets = np.zeros(n_users, dtype=np.int64)
+    for u in range(n_users):
+        start, end = offsets[u], last_row[u]
+        history.append(items[start:end + 1] if end >= start else np.zeros(0, np.int64))
+        pairs = end - start
+        if pairs <= 0:
+            continue
+        num_targets[u] = pairs
+        for stop in range(end, start, -max_len):  # windows from the most recent end backwards
+            lo = max(start, stop - max_len)
+            n = stop - lo
+            seq, tgt, row = (np.zeros(max_len, np.int64) for _ in range(3))
+            seq[:n] = items[lo:stop]
+            tgt[:n] = items[lo + 1:stop + 1]
+            row[:n] = np.arange(lo + 1, stop + 1)
+            inputs.append(seq), targets.append(tgt), mem_rows.append(row)
+            window_counts[u] += 1
+    stack = lambda rows: torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, max_len, dtype=torch.long)
+    return TrainingWindows(stack(inputs), stack(targets), stack(mem_rows),
+                           np.concatenate([[0], np.cumsum(window_counts)]), history, num_targets,
+                           dataset.item_num)

@@ -1,0 +1,208 @@
+"""UR4Rec-MoE: a SASRec ID backbone with multimodal experts over a per-user memory.
+
+    u_i = s + beta * A_i + gamma * F_i,    score_i = <u_i, e_i>
+
+SASRec: W.-C. Kang and J. McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
+The stage switches (`align` for beta, `experts` for gamma) and the per-user memory follow
+DESIGN.md sections 2 and 3. Subclassing RecBole's SASRec keeps its parameter names, so a stage-1
+checkpoint is a SASRec checkpoint and stage-1 scores are SASRec's scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from recbole.model.sequential_recommender.sasrec import SASRec
+from torch import nn
+
+from .experts import AlignGating, Expert, Fusion, Router
+
+MEM_ROW = "mem_row"  # interaction field: the row of the memory table for this target position
+
+
+@dataclass
+class SideInfo:
+    """Frozen per-item features and the per-user memory table, aligned to internal item ids."""
+
+    text: torch.Tensor             # [n_items, text_dim]
+    text_available: torch.Tensor   # [n_items] bool
+    image: torch.Tensor            # [n_items, image_dim]
+    image_available: torch.Tensor  # [n_items] bool
+    memory: torch.Tensor           # [rows, K] item ids, 0 = empty slot
+
+    @classmethod
+    def empty(cls, n_items: int, text_dim: int, image_dim: int) -> "SideInfo":
+        no = torch.zeros(n_items, dtype=torch.bool)
+        return cls(torch.zeros(n_items, text_dim), no, torch.zeros(n_items, image_dim), no.clone(),
+                   torch.zeros(1, 0, dtype=torch.long))
+
+
+class UR4RecMoE(SASRec):
+    r"""SASRec plus align gating (stage 2) and memory experts (stage 3), one forward for all stages."""
+
+    def __init__(self, config, dataset, side: SideInfo | None = None):
+        super().__init__(config, dataset)
+        hidden = self.hidden_size
+        self.use_align = bool(config["align"])
+        self.use_experts = bool(config["experts"])
+        self.beta = float(config["align_beta"])
+        self.rec_loss = config["rec_loss"]
+        self.lambda_align = float(config["lambda_align"])
+        self.lambda_lb = float(config["lambda_lb"])
+        self.align_temperature = float(config["align_temperature"])
+
+        side = side or SideInfo.empty(self.n_items, config["text_dim"], config["image_dim"])
+        self.register_buffer("text_feat", side.text.float(), persistent=False)
+        self.register_buffer("image_feat", side.image.float(), persistent=False)
+        available = torch.stack([side.image_available, side.text_available], dim=1)
+        self.register_buffer("available", available.bool(), persistent=False)  # [n_items, 2]: (v, t)
+        self.register_buffer("memory", side.memory.long(), persistent=False)
+
+        self.visual_proj = nn.Linear(side.image.shape[1], hidden)
+        self.text_proj = nn.Linear(side.text.shape[1], hidden)
+        self.align_gating = AlignGating(hidden)
+        self.visual_expert = Expert(hidden, heads=1)
+        self.semantic_expert = Expert(hidden, heads=config["expert_heads"])
+        self.router = Router(hidden)
+        self.fusion = Fusion(hidden)
+        self.gamma = nn.Parameter(torch.tensor(float(config["gating_init"])))
+
+        for module in (self.align_gating, self.visual_expert, self.semantic_expert, self.router, self.fusion):
+            module.apply(self._init_weights)
+        for proj in (self.visual_proj, self.text_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=float(config["projector_init_gain"]))
+            nn.init.zeros_(proj.bias)
+
+    # ----------------------------------------------------------------- backbone
+    def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """Backbone output at every position, causal: [B, L] -> [B, L, H]."""
+        positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
+        hidden = self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions))
+        hidden = self.dropout(hidden)
+        mask = self.get_attention_mask(item_seq)
+        return self.trm_encoder(hidden, mask, output_all_encoded_layers=True)[-1]
+
+    def forward(self, item_seq, item_seq_len):
+        return self.gather_indexes(self.encode(item_seq), item_seq_len - 1)
+
+    def memory_ids(self, rows: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Memory item ids for `count` states; no rows (or an empty table) means an empty memory."""
+        if rows is None or self.memory.shape[1] == 0:
+            return torch.zeros(count, self.memory.shape[1], dtype=torch.long, device=self.memory.device)
+        return self.memory[rows]
+
+    # ----------------------------------------------------------------- scoring
+    def score(self, state: torch.Tensor, candidates: torch.Tensor, memory: torch.Tensor):
+        """Scores of candidates for each state.
+
+        state [P, H]; candidates [P, N] or [1, N] (shared); memory [P, K] item ids.
+        Returns scores [P, N] and a dict of per-candidate gate weights for logging and losses.
+        """
+        table = self.item_embedding.weight
+        # One matmul against the whole table, then a gather: cheaper than gathering N embeddings per state.
+        scores = (state @ table.T).gather(1, candidates.expand(state.shape[0], -1))
+        aux = {}
+        if not (self.use_align or self.use_experts):
+            return scores, aux
+        items, inverse = torch.unique(candidates, return_inverse=True)
+        proj_v = self.visual_proj(self.image_feat[items])[inverse]
+        proj_t = self.text_proj(self.text_feat[items])[inverse]
+        emb = table[items][inverse]
+        available = self.available[items][inverse]
+        if self.use_align:
+            gate = self.align_gating(state, proj_v, proj_t, available)
+            # <a_v P_v x_i + a_t P_t x_i, e_i>: the two dot products depend on the candidate only.
+            dots = torch.stack([(proj_v * emb).sum(-1), (proj_t * emb).sum(-1)], dim=-1)
+            scores = scores + self.beta * (gate * dots).sum(-1)
+            aux["align_weights"] = gate
+        if self.use_experts:
+            slots = memory > 0
+            mem_available = self.available[memory] & slots.unsqueeze(-1)
+            mem_v = self.visual_proj(self.image_feat[memory])
+            mem_t = self.text_proj(self.text_feat[memory])
+            visual = self.visual_expert(proj_v, mem_v, mem_available[..., 0])
+            semantic = self.semantic_expert(emb, mem_t, mem_available[..., 1])
+            route = self.router(proj_v, proj_t, available)
+            fused = self.fusion(state, visual, semantic, route)
+            scores = scores + self.gamma * (fused * emb).sum(-1)
+            aux["router_weights"] = route
+        return scores, aux
+
+    def _score_all_items(self, state, memory):
+        """Full-catalogue scores, in row chunks so [rows, n_items, H] tensors stay small."""
+        candidates = torch.arange(self.n_items, device=state.device).unsqueeze(0)
+        if not (self.use_align or self.use_experts):
+            return self.score(state, candidates, memory)[0]
+        rows = max(1, 2 ** 23 // (self.n_items * self.hidden_size))
+        return torch.cat([self.score(state[i:i + rows], candidates, memory[i:i + rows])[0]
+                          for i in range(0, state.shape[0], rows)])
+
+    # ----------------------------------------------------------------- RecBole API
+    def _last_state(self, interaction):
+        state = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        rows = interaction[MEM_ROW] if MEM_ROW in interaction.interaction else None
+        return state, self.memory_ids(rows, state.shape[0])
+
+    def predict(self, interaction):
+        state, memory = self._last_state(interaction)
+        return self.score(state, interaction[self.ITEM_ID].unsqueeze(1), memory)[0].squeeze(1)
+
+    def full_sort_predict(self, interaction):
+        state, memory = self._last_state(interaction)
+        return self._score_all_items(state, memory)
+
+    def calculate_loss(self, interaction):
+        """RecBole's one-target-per-sequence loss (full softmax), so a stock RecBole Trainer can train
+        this model too; the project's trainers use `sequence_loss`."""
+        state, memory = self._last_state(interaction)
+        return self._losses(state, interaction[self.POS_ITEM_ID], memory, None)["loss"]
+
+    # ----------------------------------------------------------------- training losses
+    def sequence_loss(self, item_seq, targets, mem_rows, negatives=None):
+        """Loss over every position of every window at once (causal attention, as SASRec trains).
+
+        item_seq, targets, mem_rows [B, L] (target 0 = padding); negatives [P, n] for the P positions
+        with a target, in row-major order, or None for the full softmax. Returns a dict of scalar tensors: loss, rec_loss, align_loss, lb_loss, and the
+        mean gate weights.
+        """
+        valid = targets > 0
+        state = self.encode(item_seq)[valid]
+        memory = self.memory_ids(mem_rows[valid], state.shape[0])
+        return self._losses(state, targets[valid], memory, negatives)
+
+    def _losses(self, state, target, memory, negatives):
+        if negatives is None or self.rec_loss == "ce":
+            scores, aux = self.score(state, torch.arange(self.n_items, device=state.device).unsqueeze(0), memory)
+            scores[:, 0] = float("-inf")
+            rec = F.cross_entropy(scores, target)
+        else:
+            scores, aux = self.score(state, torch.cat([target.unsqueeze(1), negatives], dim=1), memory)
+            if self.rec_loss == "bpr":
+                rec = -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+            else:
+                rec = F.cross_entropy(scores, torch.zeros_like(target))
+        zero = scores.new_zeros(())
+        out = {"rec_loss": rec, "align_loss": zero, "lb_loss": zero}
+        if self.use_align:
+            out["align_loss"] = self.align_loss(torch.unique(target))
+            out["align_weights"] = aux["align_weights"].reshape(-1, 2).mean(0).detach()
+        if self.use_experts:
+            mean_route = aux["router_weights"].reshape(-1, 2).mean(0)
+            out["lb_loss"] = ((mean_route - 0.5) ** 2).sum()
+            out["router_weights"] = mean_route.detach()
+        out["loss"] = rec + self.lambda_align * out["align_loss"] + self.lambda_lb * out["lb_loss"]
+        return out
+
+    def align_loss(self, items: torch.Tensor) -> torch.Tensor:
+        """InfoNCE between each modality's projected features and the (frozen) item embeddings."""
+        target = F.normalize(self.item_embedding(items).detach(), dim=-1)
+        losses = []
+        for column, proj, feats in ((0, self.visual_proj, self.image_feat), (1, self.text_proj, self.text_feat)):
+            have = self.available[items, column]
+            if int(have.sum()) < 2:
+                continue
+            z = F.normalize(proj(feats[items[have]]), dim=-1)
+            logits = z @ target[have].T / self.align_temperature
+            losses.append(F.cross_entropy(logits, torch.arange(len(z), device=z.device)))
+        return torch.stack(losses).mean() if losses else self.gamma.new_zeros(())

@@ -1,0 +1,133 @@
+"""One stage run: config -> dataset + features + memory -> model -> trainer -> run folder.
+
+Everything that can be wrong with the inputs is checked before the run folder is created, so a bad
+config, data file or checkpoint leaves nothing behind.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import compat
+from .errors import UserError
+
+_STAGE_NAMES = {1: "pretrain_sasrec", 2: "align_projectors", 3: "finetune_moe"}
+
+
+def recbole_settings(cfg: dict) -> dict:
+    """The RecBole config for a stage. Evaluation is RecBole's full-sort path; the sampled protocol
+    is gathered from it (see evaluation.py)."""
+    m, data = cfg["model"], cfg["data"]
+    return {
+        "data_path": data["path"], "checkpoint_dir": cfg["run_dir"],
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "MAX_ITEM_LIST_LENGTH": data["max_seq_length"],
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
+        "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, 20], "valid_metric": cfg["eval"]["metric"].upper(),
+        "eval_batch_size": cfg["eval"]["batch_size"], "train_neg_sample_args": None, "loss_type": "CE",
+        "seed": cfg["seed"], "reproducibility": True, "device": cfg["device"], "use_gpu": cfg["device"] != "cpu",
+        "show_progress": False, "learning_rate": cfg["optim"]["learning_rate"],
+        **{k: m[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
+                             "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range",
+                             "text_dim", "image_dim", "align", "experts", "align_beta", "gating_init",
+                             "projector_init_gain", "expert_heads")},
+        "rec_loss": cfg["loss"]["type"], "lambda_align": cfg["loss"]["lambda_align"],
+        "lambda_lb": cfg["loss"]["lambda_lb"], "align_temperature": cfg["loss"]["align_temperature"],
+    }
+
+
+class Stage:
+    """Everything a stage needs, built and checked; `run()` trains, tests and writes the run folder."""
+
+    def __init__(self, cfg: dict, where: str):
+        from recbole.data import data_preparation
+        from recbole.utils import init_seed
+
+        from .data.dataset import UR4RecDataset
+        from .data.sequences import build_training_windows
+        from .evaluation import TwoProtocolEvaluator
+        from .model.ur4rec_moe import UR4RecMoE
+        from . import stages
+
+        self.cfg, self.where, self.started = cfg, where, time.time()
+        data = cfg["data"]
+        inter = Path(data["path"]) / data["dataset"] / f"{data['dataset']}.inter"
+        if not inter.is_file():
+            raise UserError(f"{where}: data.path/data.dataset point to {inter}, which does not exist "
+                            f"(for ML-100K run `python run.py prepare ml100k --out {data['path']}`)")
+        self.rb_config = compat.recbole_config(UR4RecMoE, data["dataset"], recbole_settings(cfg))
+        init_seed(cfg["seed"], True)
+        self.dataset = UR4RecDataset(self.rb_config, max_users=data["max_users"])
+        train, valid, test = data_preparation(self.rb_config, self.dataset)
+        self.item_tokens = list(self.dataset.field2id_token[self.dataset.iid_field])
+        side = self._side_info(UR4RecMoE)
+        init_seed(cfg["seed"], True)
+        self.model = UR4RecMoE(self.rb_config, self.dataset, side)
+        self.fingerprint = stages.vocabulary_fingerprint(self.item_tokens)
+        self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
+        self.trainable = stages.apply_trainable(self.model, cfg["trainable"], where)
+        stages.check_expectations(self.trainable, cfg["expect"], where)
+        self.windows = build_training_windows(self.dataset, train.dataset, data["max_seq_length"])
+        self.evaluator = TwoProtocolEvaluator(self.rb_config, self.dataset, {"valid": valid, "test": test},
+                                              cfg["seed"])
+
+    def _side_info(self, model_class):
+        from .data.features import load_item_features, read_item_tokens
+        from .data.memory import MemoryConfig, build_memory
+        from .model.ur4rec_moe import SideInfo
+
+        data, m = self.cfg["data"], self.cfg["model"]
+        side = SideInfo.empty(len(self.item_tokens), m["text_dim"], m["image_dim"])
+        known = read_item_tokens(Path(data["path"]) / data["dataset"] / f"{data['dataset']}.item")
+        if data["text_features"]:
+            side.text, side.text_available = load_item_features(
+                data["text_features"], self.item_tokens, m["text_dim"], known)
+        if data["image_features"]:
+            side.image, side.image_available = load_item_features(
+                data["image_features"], self.item_tokens, m["image_dim"], known)
+        if m["experts"]:
+            parts = [torch.nn.functional.normalize(f, dim=1) for f, a in
+                     ((side.image, side.image_available), (side.text, side.text_available)) if a.any()]
+            features = torch.cat(parts, dim=1) if parts else torch.zeros(len(self.item_tokens), 1)
+            memory = build_memory(self.dataset.sequence_offsets, self.dataset.sequence_items,
+                                  features.numpy(), MemoryConfig(**m["memory"]))
+            side.memory = torch.from_numpy(memory)
+        return side
+
+    def describe(self) -> str:
+        from . import stages
+
+        c = self.cfg
+        text = "yes" if c["data"]["text_features"] else "no"
+        image = "yes" if c["data"]["image_features"] else "no (visual expert masked)"
+        head = (f"stage {c['stage']} ({_STAGE_NAMES[c['stage']]}), {c['trainer']} on {c['data']['dataset']}: "
+                f"{len(self.windows.clients)} users, {len(self.item_tokens) - 1} items; "
+                f"text features: {text}; image features: {image}")
+        return head + "\n" + stages.describe(self.model, self.trainable, self.loaded)
+
+    def run(self, show_progress: bool = True, callback_fn=None) -> dict:
+        from .centralized import CentralizedTrainer
+        from .federated.trainer import FederatedTrainer
+        from .runs import RunFolder
+
+        cfg = self.cfg
+        run = RunFolder(cfg["run_dir"])
+        run.create(cfg)
+        meta = {"dataset": cfg["data"]["dataset"], "item_vocabulary": self.fingerprint,
+                "n_items": len(self.item_tokens), "stage": cfg["stage"],
+                "text_dim": cfg["model"]["text_dim"], "image_dim": cfg["model"]["image_dim"],
+                "hidden_size": cfg["model"]["hidden_size"]}
+        if cfg["trainer"] == "federated":
+            trainer = FederatedTrainer(self.rb_config, self.model, cfg, run, meta, self.windows)
+        else:
+            trainer = CentralizedTrainer(self.rb_config, self.model, cfg, run, meta)
+        trainer.fit(self.windows, self.evaluator, show_progress=show_progress, callback_fn=callback_fn)
+        test = trainer.evaluate(self.evaluator)
+        summary = {"stage": cfg["stage"], "name": cfg["name"], "trainer": cfg["trainer"],
+                   "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.trainable.values()),
+                   "trainable_groups": self.trainable, "best_round": trainer.best_round,
+                   "valid": trainer.best_valid, "test": test, "wall_seconds": round(time.time() - self.started, 1)}
+        run.write_summary(summary)
+        return summary

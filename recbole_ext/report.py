@@ -1,0 +1,41 @@
+"""Tables of finished runs, read from their summary.json files."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+_METRICS = ("hit@10", "ndcg@10", "mrr@10")
+
+
+def format_summary(summary: dict) -> str:
+    test = summary["test"]
+    lines = [f"test ({summary['name']}, best {summary['best_round']}):"]
+    for protocol, values in test.items():
+        lines.append(f"  {protocol:<7} " + "  ".join(f"{m} {values[m]:.4f}" for m in _METRICS))
+    return "\n".join(lines)
+
+
+def table(run_dirs: list[str]) -> str:
+    head = ["run", "stage"] + [f"{p} {m}" for p in ("full", "uni100") for m in ("HR@10", "NDCG@10", "MRR@10")]
+    head += ["trainable", "wall s"]
+    rows = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{path}: no summary (did the run finish?)")
+        s = json.loads(path.read_text())
+        rows.append([s["name"], str(s["stage"])] + [f"{s['test'][p][m]:.4f}" for p in ("full", "uni100")
+                                                    for m in _METRICS]
+                    + [f"{s['trainable_params']:,}", f"{s['wall_seconds']:.0f}"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="run.py report", description="Test metrics of finished runs.")
+    parser.add_argument("run_dirs", nargs="+")
+    print(table(parser.parse_args(argv).run_dirs))

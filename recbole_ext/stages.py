@@ -1,0 +1,108 @@
+"""What a stage file declares about parameters: which train, which load from where, what must hold.
+
+A parameter group is the first component of a parameter name (`item_embedding`, `trm_encoder`,
+`visual_proj`, ...). Freeze patterns are globs over full parameter names; checkpoint loads take
+whole groups.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import pickle
+import zipfile
+
+import torch
+
+from .errors import UserError
+
+
+def group_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def vocabulary_fingerprint(item_tokens) -> str:
+    """Identifies an item vocabulary (tokens in internal-id order): a checkpoint's item embedding
+    rows mean nothing under another one."""
+    return hashlib.sha256("\n".join(map(str, item_tokens)).encode()).hexdigest()[:16]
+
+
+def apply_trainable(model, patterns: list[str], where: str) -> dict[str, int]:
+    """Freeze everything except parameters matching `patterns`; return trainable counts per group."""
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            groups = sorted({group_of(n) for n in names})
+            raise UserError(f"{where}: trainable pattern {pattern!r} matches no parameter. "
+                            f"Parameter groups are: {', '.join(groups)} (patterns are globs over names "
+                            f"such as 'trm_encoder.*').")
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        if param.requires_grad:
+            counts[group_of(name)] = counts.get(group_of(name), 0) + param.numel()
+    return counts
+
+
+def read_checkpoint(path: str) -> dict:
+    """A project checkpoint: tensors and plain metadata only, never code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found (run the stage that writes it first)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable project checkpoint (truncated, corrupt, or carrying "
+                        f"code): {first}") from None
+    if not isinstance(payload, dict) or set(payload) != {"state_dict", "meta"}:
+        raise UserError(f"{path}: not a project checkpoint (expected keys state_dict and meta)")
+    return payload
+
+
+def load_groups(model, entries: list[dict], fingerprint: str) -> dict[str, str]:
+    """Copy the declared parameter groups from each checkpoint; return {group: checkpoint path}."""
+    params = dict(model.named_parameters())
+    loaded = {}
+    for entry in entries:
+        path = entry["checkpoint"]
+        payload = read_checkpoint(path)
+        theirs = payload["meta"].get("item_vocabulary")
+        if theirs != fingerprint:
+            raise UserError(f"{path}: trained on another item vocabulary ({payload['meta'].get('dataset')}, "
+                            f"fingerprint {theirs}) than this run's ({fingerprint}); its item embedding "
+                            f"rows would not line up.")
+        state = payload["state_dict"]
+        for group in entry["groups"]:
+            mine = [n for n in params if group_of(n) == group]
+            if not mine:
+                raise UserError(f"{path}: load group {group!r} is not a parameter group of this model")
+            for name in mine:
+                if name not in state:
+                    raise UserError(f"{path}: has no parameter {name!r}, so group {group!r} cannot be "
+                                    f"loaded (the checkpoint holds groups "
+                                    f"{', '.join(sorted({group_of(k) for k in state}))})")
+                if state[name].shape != params[name].shape:
+                    raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, this model "
+                                    f"needs {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(state[name])
+            loaded[group] = path
+    return loaded
+
+
+def check_expectations(trainable: dict[str, int], expect: dict, where: str) -> None:
+    total = sum(trainable.values())
+    limit = expect.get("max_trainable_params")
+    if limit is not None and total > limit:
+        raise UserError(f"{where}: {total:,} trainable parameters, more than expect.max_trainable_params "
+                        f"= {limit:,} (groups: {trainable})")
+
+
+def describe(model, trainable: dict[str, int], loaded: dict[str, str]) -> str:
+    rows = []
+    for group in dict.fromkeys(group_of(n) for n, _ in model.named_parameters()):
+        size = sum(p.numel() for n, p in model.named_parameters() if group_of(n) == group)
+        state = "train " if group in trainable else "frozen"
+        source = f"  <- {loaded[group]}" if group in loaded else ""
+        rows.append(f"  {state} {group:<20} {size:>10,}{source}")
+    rows.append(f"  trainable parameters: {sum(trainable.values()):,}")
+    return "\n".join(rows)

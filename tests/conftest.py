@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny configs over the ML-100K copy inside the RecBole package, and synthetic
+512-d image / 384-d text features for every ML-100K item, so the image path is exercised."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recbole_ext import compat  # noqa: E402,F401
+from recbole_ext.config import load_config  # noqa: E402
+
+
+def recbole_example_dir() -> str:
+    import recbole
+    return os.path.join(os.path.dirname(recbole.__file__), "dataset_example")
+
+
+def write_features(path: Path, width: int, seed: int, n_items: int = 1682) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, ids=np.array([str(i) for i in range(1, n_items + 1)]),
+             emb=rng.standard_normal((n_items, width)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("features")
+    return {"text": str(write_features(folder / "text.npz", 384, 1)),
+            "image": str(write_features(folder / "image.npz", 512, 2))}
+
+
+def tiny_config(stage_file: str, run_dir: Path, features: dict | None = None, sets: list[str] = ()) -> dict:
+    """A stage file shrunk to 30 users and a small model, on the RecBole package's ML-100K."""
+    base = [f"data.path={recbole_example_dir()}", "data.max_users=30", "data.max_seq_length=20",
+            "model.hidden_size=32", "model.n_layers=1", "model.inner_size=64", "loss.num_negatives=16",
+            "federated.rounds=2", "federated.clients_per_round=8", f"run_dir={run_dir}",
+            "model.hidden_dropout_prob=0.0", "model.attn_dropout_prob=0.0"]
+    if features:
+        base += [f"data.text_features={features['text']}", f"data.image_features={features['image']}"]
+    return load_config(ROOT / "yamls" / stage_file, [*base, *sets])

@@ -1,0 +1,57 @@
+"""The RecBole workarounds: numpy aliases, argv isolation, RecBole's own checkpoints."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_ext import compat
+from conftest import recbole_example_dir
+
+
+def test_numpy_aliases_restored():
+    assert np.float_ is np.float64 and np.complex_ is np.complex128 and np.unicode_ is np.str_
+
+
+def test_recbole_config_ignores_command_line_flags(monkeypatch):
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    monkeypatch.setattr(sys, "argv", ["run.py", "--learning_rate=0.5", "--config=yamls/x.yaml"])
+    config = compat.recbole_config(SASRec, "ml-100k", {"data_path": "/somewhere", "learning_rate": 0.01,
+                                                       "train_neg_sample_args": None})
+    assert config["learning_rate"] == 0.01 and config["config"] is None
+    assert config["data_path"] == "/somewhere/ml-100k"  # not the package's bundled copy
+    assert sys.argv[1] == "--learning_rate=0.5"
+
+
+def test_recbole_quick_start_is_never_imported():
+    import subprocess
+    code = ("import sys; sys.path.insert(0, '.'); import run; from recbole_ext import pipeline, training, "
+            "evaluation; print('recbole.quick_start' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_loads_a_checkpoint_recbole_itself_saved(tmp_path):
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.sequential_recommender.sasrec import SASRec
+    from recbole.trainer import Trainer
+
+    config = compat.recbole_config(SASRec, "ml-100k", {
+        "data_path": recbole_example_dir(), "checkpoint_dir": str(tmp_path), "epochs": 1,
+        "train_neg_sample_args": None, "hidden_size": 8, "inner_size": 16, "n_layers": 1,
+        "MAX_ITEM_LIST_LENGTH": 5, "train_batch_size": 4096, "show_progress": False,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]}})
+    dataset = create_dataset(config)
+    train, valid, _ = data_preparation(config, dataset)
+    model = SASRec(config, train.dataset)
+    with compat.writes_into(tmp_path):
+        trainer = Trainer(config, model)
+        trainer._save_checkpoint(0)
+    with pytest.raises(Exception):  # torch's default weights_only=True refuses RecBole's pickled Config
+        torch.load(trainer.saved_model_file)
+    checkpoint = compat.load_recbole_checkpoint(trainer.saved_model_file)
+    assert torch.equal(checkpoint["state_dict"]["item_embedding.weight"], model.item_embedding.weight)
+    assert (tmp_path / "log_tensorboard").is_dir()
