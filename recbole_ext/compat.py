@@ -7,6 +7,9 @@ RecBole 1.2.1 predates all three. What it trips over, and why each shim is here:
 * torch >= 2.6 loads with `weights_only=True` by default; RecBole's own checkpoints pickle the `Config`
   object, so they only load with `weights_only=False`. `load_recbole_checkpoint` does that explicitly,
   for files RecBole itself wrote. The project's own checkpoints never need it.
+* Importing any RecBole sequential model imports SINE, whose module switches on autograd anomaly
+  detection for the whole process (training runs several times slower); `import_sasrec` switches
+  it back off.
 * `recbole.quick_start` imports Ray Tune at import time and its `run_recbole` cannot find a model
   class outside RecBole; nothing here imports it.
 * `Config()` parses `--key=value` from `sys.argv`, so run.py's and pytest's flags would leak into the
@@ -39,6 +42,15 @@ def patch_numpy() -> None:
 
 
 patch_numpy()
+
+
+def import_sasrec():
+    """RecBole's SASRec class, without the process-wide anomaly detection its package turns on."""
+    import torch
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    torch.autograd.set_detect_anomaly(False)
+    return SASRec
 
 
 def recbole_config(model_class, dataset: str, config_dict: dict):

@@ -15,6 +15,14 @@ def test_numpy_aliases_restored():
     assert np.float_ is np.float64 and np.complex_ is np.complex128 and np.unicode_ is np.str_
 
 
+def test_importing_the_model_leaves_anomaly_detection_off():
+    import subprocess
+    code = ("import sys, torch; sys.path.insert(0, '.'); import recbole_ext.model.ur4rec_moe; "
+            "import recbole.model.sequential_recommender.sine; print(torch.is_anomaly_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_recbole_config_ignores_command_line_flags(monkeypatch):
     from recbole.model.sequential_recommender.sasrec import SASRec
 

@@ -17,7 +17,7 @@ def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.op
         if param.requires_grad:
             (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, foreach=True)
 
 
 def train_step(model, optimizer, windows: TrainingWindows, index: torch.Tensor, users, loss_cfg: dict,

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
+from .. import compat
 from .experts import AlignGating, Expert, Fusion, Router
+
+SASRec = compat.import_sasrec()
 
 MEM_ROW = "mem_row"  # interaction field: the row of the memory table for this target position
 
