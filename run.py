@@ -2,8 +2,11 @@
 """Command line for ur4rec-moe.
 
     python run.py --config yamls/stage2.yaml [--set key=value ...]   run one stage
+    python run.py --config yamls/stage2.yaml --resume runs/stage2      continue an interrupted run
     python run.py prepare SUBCOMMAND ...                               build data and feature files
     python run.py report RUN_DIR [RUN_DIR ...]                         table of finished runs
+    python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
+    python run.py tune --resume SWEEP_DIR                              continue an interrupted sweep
 """
 from __future__ import annotations
 
@@ -20,17 +23,21 @@ def run_stage(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="stage file, e.g. yamls/stage2.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.learning_rate=0.01 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run of this config from its last saved round")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from recbole_ext.config import load_config
+    from recbole_ext.config import check_resumable, load_config
     from recbole_ext.pipeline import Stage
     from recbole_ext.report import format_summary
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set + ([f"run_dir={args.resume}"] if args.resume else []))
+    if args.resume:
+        check_resumable(cfg)
     stage = Stage(cfg, args.config)
     print(stage.describe(), flush=True)
-    summary = stage.run(show_progress=not args.quiet)
+    summary = stage.run(show_progress=not args.quiet, resume=bool(args.resume))
     print(format_summary(summary))
     print(f"run folder: {cfg['run_dir']}")
 
@@ -43,6 +50,9 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "report":
             from recbole_ext.report import main as report_main
             report_main(argv[1:])
+        elif argv and argv[0] == "tune":
+            from recbole_ext.tune import main as tune_main
+            tune_main(argv[1:])
         else:
             run_stage(argv)
     except UserError as err:

@@ -1,6 +1,8 @@
 """The centralized baseline: the same model and windows, pooled across users, one optimizer."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -14,7 +16,7 @@ class CentralizedTrainer(RoundTrainer):
     def __init__(self, recbole_config, model, settings, run, meta):
         super().__init__(recbole_config, model, settings, run, meta)
         opt = settings["optim"]
-        self.local_optimizer = make_optimizer(model, opt["learning_rate"], opt["weight_decay"])
+        self.local_optimizer = make_optimizer(model, opt)
         self.shuffler = np.random.default_rng(settings["seed"])
 
     def units(self) -> int:
@@ -37,3 +39,11 @@ class CentralizedTrainer(RoundTrainer):
             for key, value in step.items():
                 totals[key] = totals.get(key, 0.0) + weight * value
         return {key: value / weight_sum for key, value in totals.items()}, 0
+
+    def extra_state(self) -> dict:
+        return {"optimizer": self.local_optimizer.state_dict(),
+                "shuffler": json.dumps(self.shuffler.bit_generator.state)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.local_optimizer.load_state_dict(state["optimizer"])
+        self.shuffler.bit_generator.state = json.loads(state["shuffler"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ def patch_numpy() -> None:
 
 
 patch_numpy()
+# RecBole 1.2.1 on pandas 2.x warns about its own inplace fillna on every dataset load; the
+# behaviour is correct on pandas < 3 (which requirements.txt pins), so the warning is only noise.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 
 def import_sasrec():

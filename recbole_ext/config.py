@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "stage": ((int,), False, (lambda v: v in (1, 2, 3), "must be 1, 2 or 3")),
     "run_dir": ((str,), True, None),
     "seed": ((int,), False, None),
+    "state_every": ((int,), False, _non_negative),
     "device": ((str,), False, None),
     "data.path": ((str,), False, None),
     "data.dataset": ((str,), False, None),
@@ -56,6 +58,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "model.gating_init": ((float,), False, None),
     "model.projector_init_gain": ((float,), False, _positive),
     "model.expert_heads": ((int,), False, _positive),
+    "model.align_dropout_prob": ((float,), False, _probability),
     "model.memory.st_size": ((int,), False, _non_negative),
     "model.memory.lt_size": ((int,), False, _non_negative),
     "model.memory.st_k": ((int,), False, _non_negative),
@@ -69,6 +72,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "loss.lambda_lb": ((float,), False, _non_negative),
     "loss.align_temperature": ((float,), False, _positive),
     "trainer": ((str,), False, _choice("federated", "centralized")),
+    "optim.optimizer": ((str,), False, _choice("sgd", "adamw")),
     "optim.learning_rate": ((float,), False, _positive),
     "optim.weight_decay": ((float,), False, _non_negative),
     "optim.clip_grad_norm": ((float,), True, _positive),
@@ -76,8 +80,14 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "federated.clients_per_round": ((int,), False, _positive),
     "federated.client_fraction": ((float,), True, _fraction),
     "federated.local_epochs": ((int,), False, _positive),
+    "federated.server_optimizer": ((str,), False, _choice("sgd", "adam")),
     "federated.server_lr": ((float,), False, _positive),
-    "federated.backend": ((str,), False, _choice("sequential")),
+    "federated.backend": ((str,), False, _choice("sequential", "vectorized", "ray")),
+    "federated.cohort_size": ((int,), False, _positive),
+    "federated.cohort_positions": ((int,), True, _positive),
+    "federated.ray_address": ((str,), True, None),
+    "federated.ray_workers": ((int,), False, _positive),
+    "federated.ray_cpus_per_worker": ((float,), False, _positive),
     "centralized.epochs": ((int,), False, _positive),
     "centralized.batch_size": ((int,), False, _positive),
     "eval.every": ((int,), False, _positive),
@@ -89,10 +99,28 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "trainable": ((list,), False, None),
     "load": ((list,), False, None),
     "expect.max_trainable_params": ((int,), True, _positive),
+    "tune.metric": ((str,), False, _choice(*[f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)])),
+    "tune.protocol": ((str,), False, _choice("full", "uni100")),
+    "tune.mode": ((str,), False, _choice("max", "min")),
+    "tune.space": ((dict,), False, None),
+    "tune.trials": ((int,), False, _positive),
+    "tune.scheduler": ((str,), False, _choice("asha", "fifo")),
+    "tune.grace_period": ((int,), False, _positive),
+    "tune.reduction_factor": ((int,), False, (lambda v: v >= 2, "must be >= 2")),
+    "tune.divergence_factor": ((float,), False, (lambda v: v > 1, "must be > 1")),
+    "tune.cpus_per_trial": ((float,), False, _positive),
+    "tune.gpus_per_trial": ((float,), False, _non_negative),
+    "tune.max_concurrent_trials": ((int,), True, _positive),
+    "tune.num_cpus": ((int,), True, _positive),
+    "tune.address": ((str,), True, None),
+    "tune.storage_path": ((str,), False, None),
 }
+_SPACE_TYPES = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "choice": {"values"},
+                "grid": {"values"}}
 _SECTIONS = {key.rsplit(".", 1)[0] for key in SCHEMA if "." in key} | {
     key.rsplit(".", 2)[0] for key in SCHEMA if key.count(".") == 2}
-_PATH_KEYS = ("run_dir", "data.path", "data.text_features", "data.image_features")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_PATH_KEYS = ("run_dir", "data.path", "data.text_features", "data.image_features", "tune.storage_path")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -106,8 +134,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected dotted.key=value, e.g. --set optim.learning_rate=0.01")
-        _check_known(key.strip(), f"--set {item}")
-        _assign(config, key.strip(), _parse_value(text, f"--set {item}"))
+        key = key.strip()
+        if key.startswith("tune.space."):
+            # one dimension of the search space: its name is itself a dotted key, so it is not split
+            tune = config.setdefault("tune", {})
+            space = tune["space"] if isinstance(tune.get("space"), dict) else {}
+            tune["space"] = {**space, key[len("tune.space."):]: _parse_value(text, f"--set {item}")}
+        else:
+            _check_known(key, f"--set {item}")
+            _assign(config, key, _parse_value(text, f"--set {item}"))
     _validate(config, str(path))
     for key in _PATH_KEYS:
         value = get(config, key)
@@ -118,6 +153,37 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
     if config["run_dir"] is None:
         config["run_dir"] = os.path.abspath(os.path.join("runs", config["name"]))
     return config
+
+
+def with_values(config: dict, values: dict, where: str) -> dict:
+    """A copy of a resolved config with `values` ({dotted key: value}, e.g. one sweep trial's) set and
+    validated (ints become floats where a float is declared)."""
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        _check_known(key, where)
+        _assign(config, key, value)
+    _validate(config, where)
+    return config
+
+
+def check_resumable(config: dict) -> None:
+    """A run continues only under the config it started with (its run folder's config.yaml)."""
+    saved_path = Path(config["run_dir"]) / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"{config['run_dir']}: not a run folder to resume (no config.yaml)")
+    saved = yaml.safe_load(saved_path.read_text())
+    changed = [k for k in sorted(set(_flatten(saved)) | set(_flatten(config)))
+               if _get_or_none(saved, k) != _get_or_none(config, k)]
+    if changed:
+        raise UserError(f"{saved_path}: the run was started with a different config; keys that differ: "
+                        f"{', '.join(changed)}")
+
+
+def _get_or_none(config: dict, dotted: str):
+    try:
+        return get(config, dotted)
+    except (KeyError, TypeError):
+        return None
 
 
 def get(config: dict, dotted: str):
@@ -156,11 +222,12 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
     return _merge(base, data)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+    """Sections merge key by key; any other value (a list, the sweep's `tune.space`) is replaced whole."""
     merged = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and prefix + key in _SECTIONS:
+            merged[key] = _merge(merged[key], value, f"{prefix}{key}.")
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -200,24 +267,60 @@ def _parse_value(text: str, where: str):
         raise UserError(f"{where}: cannot parse value {text!r}: {err}") from None
 
 
+def _checked(key: str, value, where: str):
+    """`value` if it is valid for `key` (an int is accepted, as a float, where a float is declared)."""
+    types, nullable, check = SCHEMA[key]
+    if value is None:
+        if not nullable:
+            raise UserError(f"{where}: {key} must not be null")
+        return None
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if float in types and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as text
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise UserError(f"{where}: {key} must be {names}, got {value!r}")
+    if check is not None and not check[0](value):
+        raise UserError(f"{where}: {key} = {value!r} {check[1]}")
+    return value
+
+
+def _validate_space(space: dict, where: str) -> None:
+    """Each dimension: a config key that may vary per trial, and a well-formed distribution over
+    values that key accepts, e.g. optim.learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}."""
+    for key, spec in space.items():
+        name = f"{where}: tune.space[{key!r}]"
+        if key not in SCHEMA:
+            _check_known(key, f"{where}: tune.space")
+        if key.startswith("tune.") or key == "run_dir":
+            raise UserError(f"{name}: cannot be swept (every trial sets it itself)")
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if not isinstance(kind, str) or kind not in _SPACE_TYPES or set(spec) != {"type", *_SPACE_TYPES[kind]}:
+            raise UserError(f"{name} must be {{type: loguniform|uniform, low: L, high: H}} or "
+                            f"{{type: choice|grid, values: [...]}}, got {spec!r}")
+        if kind in ("loguniform", "uniform"):
+            if float not in SCHEMA[key][0]:
+                raise UserError(f"{name}: {key} is not a float; sweep it with {{type: choice, values: [...]}}")
+            low, high = (_checked(key, spec[end], name) for end in ("low", "high"))
+            if not low < high:
+                raise UserError(f"{name}: low ({low}) must be below high ({high})")
+            if kind == "loguniform" and low <= 0:
+                raise UserError(f"{name}: a loguniform range needs low > 0, got {low}")
+        elif not isinstance(spec["values"], list) or not spec["values"]:
+            raise UserError(f"{name}: values must be a non-empty list, got {spec['values']!r}")
+        else:
+            for value in spec["values"]:
+                _checked(key, value, name)
+
+
 def _validate(config: dict, where: str) -> None:
-    for key, (types, nullable, check) in SCHEMA.items():
+    for key in SCHEMA:
         try:
             value = get(config, key)
         except (KeyError, TypeError):
             raise UserError(f"{where}: missing key {key!r} (does the file extend yamls/base.yaml?)") from None
-        if value is None:
-            if not nullable:
-                raise UserError(f"{where}: {key} must not be null")
-            continue
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-            _assign(config, key, value)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types)
-            raise UserError(f"{where}: {key} must be {names}, got {value!r}")
-        if check is not None and not check[0](value):
-            raise UserError(f"{where}: {key} = {value!r} {check[1]}")
+        _assign(config, key, _checked(key, value, where))
     if not all(isinstance(p, str) and p for p in config["trainable"]):
         raise UserError(f"{where}: trainable must be a list of glob patterns over parameter names")
     for i, entry in enumerate(config["load"]):
@@ -226,3 +329,4 @@ def _validate(config: dict, where: str) -> None:
                 or not entry["groups"] or not all(isinstance(g, str) for g in entry["groups"])):
             raise UserError(f"{where}: load[{i}] must be {{checkpoint: path, groups: [name, ...]}}, "
                             f"got {entry!r}")
+    _validate_space(config["tune"]["space"], where)

@@ -13,6 +13,7 @@ import torch
 from . import compat
 from .errors import UserError
 
+TOP_K = 20  # the largest cutoff of the reported metrics
 _STAGE_NAMES = {1: "pretrain_sasrec", 2: "align_projectors", 3: "finetune_moe"}
 
 
@@ -25,14 +26,14 @@ def recbole_settings(cfg: dict) -> dict:
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "MAX_ITEM_LIST_LENGTH": data["max_seq_length"],
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
-        "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, 20], "valid_metric": cfg["eval"]["metric"].upper(),
+        "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, TOP_K], "valid_metric": cfg["eval"]["metric"].upper(),
         "eval_batch_size": cfg["eval"]["batch_size"], "train_neg_sample_args": None, "loss_type": "CE",
         "seed": cfg["seed"], "reproducibility": True, "device": cfg["device"], "use_gpu": cfg["device"] != "cpu",
         "show_progress": False, "learning_rate": cfg["optim"]["learning_rate"],
         **{k: m[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
                              "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range",
                              "text_dim", "image_dim", "align", "experts", "align_beta", "gating_init",
-                             "projector_init_gain", "expert_heads")},
+                             "projector_init_gain", "expert_heads", "align_dropout_prob")},
         "rec_loss": cfg["loss"]["type"], "lambda_align": cfg["loss"]["lambda_align"],
         "lambda_lb": cfg["loss"]["lambda_lb"], "align_temperature": cfg["loss"]["align_temperature"],
     }
@@ -45,6 +46,7 @@ class Stage:
         from recbole.data import data_preparation
         from recbole.utils import init_seed
 
+        from .data.atomic import check_interactions
         from .data.dataset import UR4RecDataset
         from .data.sequences import build_training_windows
         from .evaluation import TwoProtocolEvaluator
@@ -57,11 +59,14 @@ class Stage:
         if not inter.is_file():
             raise UserError(f"{where}: data.path/data.dataset point to {inter}, which does not exist "
                             f"(for ML-100K run `python run.py prepare ml100k --out {data['path']}`)")
+        check_interactions(inter)
         self.rb_config = compat.recbole_config(UR4RecMoE, data["dataset"], recbole_settings(cfg))
         init_seed(cfg["seed"], True)
         self.dataset = UR4RecDataset(self.rb_config, max_users=data["max_users"])
         train, valid, test = data_preparation(self.rb_config, self.dataset)
         self.item_tokens = list(self.dataset.field2id_token[self.dataset.iid_field])
+        if len(self.item_tokens) - 1 <= TOP_K:
+            raise UserError(f"{inter}: {len(self.item_tokens) - 1} items; ranking metrics at {TOP_K} need more")
         side = self._side_info(UR4RecMoE)
         init_seed(cfg["seed"], True)
         self.model = UR4RecMoE(self.rb_config, self.dataset, side)
@@ -107,14 +112,17 @@ class Stage:
                 f"text features: {text}; image features: {image}")
         return head + "\n" + stages.describe(self.model, self.trainable, self.loaded)
 
-    def run(self, show_progress: bool = True, callback_fn=None) -> dict:
+    def run(self, show_progress: bool = True, callback_fn=None, resume: bool = False) -> dict:
         from .centralized import CentralizedTrainer
         from .federated.trainer import FederatedTrainer
         from .runs import RunFolder
 
         cfg = self.cfg
         run = RunFolder(cfg["run_dir"])
-        run.create(cfg)
+        if resume:
+            state = run.load_state()
+        else:
+            run.create(cfg)
         meta = {"dataset": cfg["data"]["dataset"], "item_vocabulary": self.fingerprint,
                 "n_items": len(self.item_tokens), "stage": cfg["stage"],
                 "text_dim": cfg["model"]["text_dim"], "image_dim": cfg["model"]["image_dim"],
@@ -123,6 +131,8 @@ class Stage:
             trainer = FederatedTrainer(self.rb_config, self.model, cfg, run, meta, self.windows)
         else:
             trainer = CentralizedTrainer(self.rb_config, self.model, cfg, run, meta)
+        if resume:
+            trainer.resume_from(state)
         trainer.fit(self.windows, self.evaluator, show_progress=show_progress, callback_fn=callback_fn)
         test = trainer.evaluate(self.evaluator)
         summary = {"stage": cfg["stage"], "name": cfg["name"], "trainer": cfg["trainer"],

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from .config import dump
+from .errors import UserError
 
 CHECKPOINT = "best.pt"
+STATE = "state.pt"  # resumable training state
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -34,9 +36,24 @@ class RunFolder:
         self.path.mkdir(parents=True)
         _atomic_write(self.path / "config.yaml", lambda p: p.write_text(dump(config)))
 
-    def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def write_metrics(self, records: list[dict]) -> None:
+        """Rewrite metrics.jsonl whole, atomically: it never holds a half line."""
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        _atomic_write(self.path / "metrics.jsonl", lambda p: p.write_text(text))
+
+    def save_state(self, state: dict) -> None:
+        _atomic_write(self.path / STATE, lambda p: torch.save(state, p))
+
+    def load_state(self) -> dict:
+        path = self.path / STATE
+        if not path.is_file():
+            raise UserError(f"{self.path}: nothing to resume (no {STATE}; was state_every 0, or did the "
+                            f"run stop before its first save?)")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+            raise UserError(f"{path}: unreadable resume state ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
     def write_summary(self, summary: dict) -> None:
         _atomic_write(self.path / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))

@@ -49,10 +49,13 @@ def read_checkpoint(path: str) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found (run the stage that writes it first)") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused: it holds Python objects beyond tensors and plain data, which "
+                        f"could run code when loaded. Project checkpoints never do; do not load this "
+                        f"file unless you know where it came from.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable project checkpoint (truncated, corrupt, or carrying "
-                        f"code): {first}") from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: {first[:120]})") from None
     if not isinstance(payload, dict) or set(payload) != {"state_dict", "meta"}:
         raise UserError(f"{path}: not a project checkpoint (expected keys state_dict and meta)")
     return payload

@@ -1,9 +1,17 @@
 """The loop both trainers share: train a unit (a federated round or a centralized epoch), validate
-every N units, keep the best checkpoint, stop early, log one metrics line per unit, test once."""
+every N units, keep the best checkpoint, stop early, log one metrics line per unit, test once.
+
+Every `state_every` units the loop saves what it needs to continue exactly (model, optimizer and
+sampler state, early-stopping state, every RNG, the metrics so far); `resume_from` picks it up, and
+the continued run produces the same metrics, unit by unit, as one never interrupted.
+"""
 from __future__ import annotations
 
+import json
+import random
 import time
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from tqdm import tqdm
@@ -24,8 +32,13 @@ class RoundTrainer(Trainer):
         self.meta = meta
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.trainable_params = sum(p.numel() for p in self.trainable.values())
+        self.completed = 0
+        self.finished = False
+        self.best_score = None
+        self.stale = 0
         self.best_round = None
         self.best_valid = None
+        self.records: list[dict] = []
 
     def units(self) -> int:
         raise NotImplementedError
@@ -36,10 +49,11 @@ class RoundTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=True, callback_fn=None):
         """train_data: TrainingWindows; valid_data: a TwoProtocolEvaluator. `callback_fn(record)` sees
-        every metrics line (Ray Tune reports through it)."""
+        every metrics line after it is written (Ray Tune reports through it); returning True stops
+        training there, as early stopping does."""
         ev = self.settings["eval"]
-        best_score, stale = None, 0
-        bar = tqdm(range(1, self.units() + 1), desc=f"{self.unit}s", disable=not show_progress)
+        bar = tqdm(range(self.completed + 1, self.units() + 1), desc=f"{self.unit}s", initial=self.completed,
+                   total=self.units(), disable=not show_progress or self.finished)
         for index in bar:
             start = time.time()
             stats, bytes_up = self.train_unit(index, train_data, show_progress)
@@ -48,22 +62,29 @@ class RoundTrainer(Trainer):
             if index % ev["every"] == 0 or index == self.units():
                 record["valid"] = valid_data.evaluate(self.model, "valid")
                 score = record["valid"][ev["protocol"]][ev["metric"]]
-                if best_score is None or score > best_score:
-                    best_score, stale = score, 0
+                if self.best_score is None or score > self.best_score:
+                    self.best_score, self.stale = score, 0
                     self.best_round, self.best_valid = index, record["valid"]
                     self.run.save_checkpoint(self.model.state_dict(), {**self.meta, "round": index})
                 else:
-                    stale += 1
+                    self.stale += 1
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **{ev["metric"]: f"{score:.4f}"},
-                                best=f"{best_score:.4f}")
+                                best=f"{self.best_score:.4f}")
             record["seconds"] = round(time.time() - start, 3)
-            self.run.append_metrics(record)
-            if callback_fn is not None:
-                callback_fn(record)
-            if stale >= ev["patience"]:
-                tqdm.write(f"early stop: no {ev['metric']} gain in {stale} validations")
+            self.records.append(record)
+            self.run.write_metrics(self.records)
+            self.completed = index
+            stop = bool(callback_fn is not None and callback_fn(record))
+            if self.stale >= ev["patience"]:
+                tqdm.write(f"early stop: no {ev['metric']} gain in {self.stale} validations")
+                stop = True
+            self.finished = stop or index == self.units()
+            every = self.settings["state_every"]
+            if self.finished or (every and index % every == 0):
+                self.run.save_state(self.state())
+            if stop:
                 break
-        return best_score, self.best_valid
+        return self.best_score, self.best_valid
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         """eval_data: a TwoProtocolEvaluator; scores the test split once, from the best checkpoint."""
@@ -71,6 +92,40 @@ class RoundTrainer(Trainer):
             state = read_checkpoint(model_file or str(self.run.path / CHECKPOINT))["state_dict"]
             self.model.load_state_dict(state)
         return eval_data.evaluate(self.model, "test")
+
+    # ------------------------------------------------------------------ resumable state
+    def extra_state(self) -> dict:
+        """Trainer-specific state (optimizers, samplers): tensors, or JSON text."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state(self) -> dict:
+        """Everything needed to continue exactly; tensors and JSON text only (loads weights_only)."""
+        plain = {"completed": self.completed, "finished": self.finished, "best_score": self.best_score,
+                 "stale": self.stale, "best_round": self.best_round, "best_valid": self.best_valid,
+                 "records": self.records, "python_rng": random.getstate(),
+                 "numpy_rng": _numpy_global_state()}
+        return {"model": self.model.state_dict(), "torch_rng": torch.get_rng_state(),
+                "plain": json.dumps(plain), "extra": self.extra_state()}
+
+    def resume_from(self, state: dict) -> None:
+        plain = json.loads(state["plain"])
+        self.model.load_state_dict(state["model"])
+        torch.set_rng_state(state["torch_rng"])
+        version, internal, gauss = plain["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = plain["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        for key in ("completed", "finished", "best_score", "stale", "best_round", "best_valid", "records"):
+            setattr(self, key, plain[key])
+        self.load_extra_state(state["extra"])
+
+
+def _numpy_global_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
 def _record_stats(stats: dict) -> dict:

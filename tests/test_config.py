@@ -40,8 +40,9 @@ def test_set_overrides_nested_keys_with_yaml_values():
     assert cfg["trainable"] == ["gamma"] and cfg["optim"]["clip_grad_norm"] is None
 
 
-def test_ints_are_accepted_for_floats():
+def test_ints_and_plain_scientific_notation_are_accepted_for_floats():
     assert load_config(ROOT / "yamls" / "stage1.yaml", ["optim.learning_rate=1"])["optim"]["learning_rate"] == 1.0
+    assert load_config(ROOT / "yamls" / "stage1.yaml", ["optim.learning_rate=1e-4"])["optim"]["learning_rate"] == 1e-4
 
 
 @pytest.mark.parametrize("sets, message", [

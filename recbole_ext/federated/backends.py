@@ -1,7 +1,15 @@
 """Execution backends: who trains the round's clients. All return the same aggregated update.
 
-`sequential` is the reference: one client after another on the global model object, restoring the
-global trainable parameters before each client.
+Every backend has `run_round(clients, global_params, round_seed, progress) -> (update, stats)`:
+the FedAvg of the clients' parameter changes (weighted by training targets) and the weighted mean
+loss/gate statistics. A client's randomness is its own (`client.client_generator`), so the backends
+agree to float rounding for the same seed when dropout is off (tests/test_backends.py).
+
+* `sequential` (here) is the reference: one client after another on the global model object, with
+  the `torch.optim` optimizer of `optim.optimizer`, restoring the global trainable parameters before
+  each client.
+* `vectorized` (vectorized.py): cohorts of clients at once with torch.func (stacked parameters).
+* `ray` (ray_backend.py): Ray actors, each running `vectorized` on a shard of the round's clients.
 """
 from __future__ import annotations
 
@@ -9,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from ..data.sequences import TrainingWindows
-from .client import make_optimizer, train_step
+from .aggregate import RoundSums
+from .client import client_generator, make_optimizer, train_step
 
 
 class SequentialBackend:
@@ -18,35 +27,47 @@ class SequentialBackend:
         self.windows = windows
         self.settings = settings
 
-    def run_round(self, clients, global_params: dict, generator: torch.Generator, progress: bool = True):
+    def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
         """Train each client from `global_params`; return (weighted mean update, weighted mean stats)."""
+        return self.train_clients(clients, global_params, round_seed, progress).mean()
+
+    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False) -> RoundSums:
         opt, fed = self.settings["optim"], self.settings["federated"]
-        total = {name: torch.zeros_like(value) for name, value in global_params.items()}
-        stats, weight_sum = {}, 0.0
+        sums = RoundSums.zeros(global_params)
         params = dict(self.model.named_parameters())
         self.model.train()
         for user in tqdm(clients, desc="clients", leave=False, disable=not progress):
             with torch.no_grad():
                 for name, value in global_params.items():
                     params[name].copy_(value)
-            optimizer = make_optimizer(self.model, opt["learning_rate"], opt["weight_decay"])
+            optimizer = make_optimizer(self.model, opt)
+            generator = client_generator(round_seed, user)
             index = self.windows.windows_of([user])
             owners = [user] * len(index)
             for _ in range(fed["local_epochs"]):
                 step = train_step(self.model, optimizer, self.windows, index, owners, self.settings["loss"],
                                   opt["clip_grad_norm"], generator)
             weight = float(self.windows.num_targets[user])
-            weight_sum += weight
             with torch.no_grad():
                 for name, value in global_params.items():
-                    total[name] += weight * (params[name] - value)
-            for key, value in step.items():
-                stats[key] = stats.get(key, 0.0) + weight * value
+                    sums.update[name] += weight * (params[name] - value)
+            sums.add_stats(step, weight)
+            sums.weight += weight
+            sums.clients += 1
         with torch.no_grad():
             for name, value in global_params.items():
                 params[name].copy_(value)
-        update = {name: value / weight_sum for name, value in total.items()}
-        return update, {key: value / weight_sum for key, value in stats.items()}
+        return sums
 
 
-BACKENDS = {"sequential": SequentialBackend}
+def _vectorized(model, windows, settings):
+    from .vectorized import VectorizedBackend
+    return VectorizedBackend(model, windows, settings)
+
+
+def _ray(model, windows, settings):
+    from .ray_backend import RayBackend  # imports Ray (seconds), so only when asked for
+    return RayBackend(model, windows, settings)
+
+
+BACKENDS = {"sequential": SequentialBackend, "vectorized": _vectorized, "ray": _ray}

@@ -1,11 +1,15 @@
-"""Federated training: one client per user, seeded sampling, FedAvg of the trainable parameters."""
+"""Federated training: one client per user, seeded sampling, FedAvg of the trainable parameters,
+applied by a server optimizer (SGD: FedAvg; Adam: FedAdam)."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
 
 from ..training import RoundTrainer
 from .backends import BACKENDS
+from .client import round_seed
 
 
 class FederatedTrainer(RoundTrainer):
@@ -15,6 +19,11 @@ class FederatedTrainer(RoundTrainer):
         super().__init__(recbole_config, model, settings, run, meta)
         self.backend = BACKENDS[settings["federated"]["backend"]](model, windows, settings)
         self.sampler = np.random.default_rng(settings["seed"])
+        fed = settings["federated"]
+        # The server treats the clients' mean update as a negative gradient: plain SGD with lr 1 is
+        # FedAvg itself; Adam is FedAdam (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+        server = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[fed["server_optimizer"]]
+        self.server_optimizer = server(list(self.trainable.values()), lr=fed["server_lr"])
 
     def units(self) -> int:
         return self.settings["federated"]["rounds"]
@@ -28,11 +37,22 @@ class FederatedTrainer(RoundTrainer):
     def train_unit(self, index, train_data, show_progress):
         clients = self.clients_for_round(train_data.clients)
         global_params = {name: p.detach().clone() for name, p in self.trainable.items()}
-        generator = torch.Generator().manual_seed(self.settings["seed"] * 100_003 + index)
-        update, stats = self.backend.run_round(clients, global_params, generator, show_progress)
-        server_lr = self.settings["federated"]["server_lr"]
+        # Each client draws from its own stream seeded by (round seed, client id), in every backend.
+        update, stats = self.backend.run_round(clients, global_params, round_seed(self.settings["seed"], index),
+                                               show_progress)
         with torch.no_grad():
             for name, param in self.trainable.items():
-                param.copy_(global_params[name] + server_lr * update[name])
+                param.copy_(global_params[name])
+                param.grad = -update[name]
+        self.server_optimizer.step()
+        self.server_optimizer.zero_grad(set_to_none=True)
         bytes_per_client = sum(p.numel() * p.element_size() for p in self.trainable.values())
         return stats, bytes_per_client * len(clients)
+
+    def extra_state(self) -> dict:
+        return {"server_optimizer": self.server_optimizer.state_dict(),
+                "sampler": json.dumps(self.sampler.bit_generator.state)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.sampler.bit_generator.state = json.loads(state["sampler"])

@@ -21,8 +21,8 @@ def masked_softmax(logits: torch.Tensor, available: torch.Tensor) -> torch.Tenso
 class AlignGating(nn.Module):
     """(a_v, a_t) = softmax(MLP([s; P_v x^v_i; P_t x^t_i])), masked by which modalities item i has.
 
-    The first layer is applied as three column blocks so the candidate part is computed once per
-    distinct item instead of once per (position, candidate) pair.
+    The first layer is applied as three column blocks so the candidate part (`item_part`) is
+    computed once per item instead of once per (position, candidate) pair.
     """
 
     def __init__(self, hidden: int, inner: int = 64, dropout: float = 0.1):
@@ -31,10 +31,14 @@ class AlignGating(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(inner, 2)
 
-    def forward(self, state, proj_v, proj_t, available):
-        """state [P, H]; proj_v, proj_t [*, N, H]; available [*, N, 2] -> weights [P, N, 2]."""
-        w_s, w_v, w_t = self.hidden.weight.chunk(3, dim=1)
-        item_part = proj_v @ w_v.T + proj_t @ w_t.T
+    def item_part(self, proj_v, proj_t):
+        """proj_v, proj_t [..., H] of some items -> their share of the first layer, [..., inner]."""
+        _, w_v, w_t = self.hidden.weight.chunk(3, dim=1)
+        return proj_v @ w_v.T + proj_t @ w_t.T
+
+    def forward(self, state, item_part, available):
+        """state [P, H]; item_part [*, N, inner] of the candidates; available [*, N, 2] -> weights [P, N, 2]."""
+        w_s = self.hidden.weight.chunk(3, dim=1)[0]
         hidden = F.relu((state @ w_s.T + self.hidden.bias).unsqueeze(-2) + item_part)
         return masked_softmax(self.out(self.dropout(hidden)), available)
 

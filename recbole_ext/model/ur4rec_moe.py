@@ -21,6 +21,9 @@ from .experts import AlignGating, Expert, Fusion, Router
 SASRec = compat.import_sasrec()
 
 MEM_ROW = "mem_row"  # interaction field: the row of the memory table for this target position
+# Parameter groups `encode` reads: when none of them trains, a position's backbone output is fixed
+# for the whole stage and can be computed once (stage 2; see federated/backbone_cache.py).
+BACKBONE_GROUPS = ("item_embedding", "position_embedding", "LayerNorm", "trm_encoder")
 
 
 @dataclass
@@ -63,7 +66,9 @@ class UR4RecMoE(SASRec):
 
         self.visual_proj = nn.Linear(side.image.shape[1], hidden)
         self.text_proj = nn.Linear(side.text.shape[1], hidden)
-        self.align_gating = AlignGating(hidden)
+        # Its own dropout rate (config `align_dropout_prob`), so it can be switched off like the
+        # backbone's (the backends' equivalence test needs every dropout off).
+        self.align_gating = AlignGating(hidden, dropout=float(config["align_dropout_prob"]))
         self.visual_expert = Expert(hidden, heads=1)
         self.semantic_expert = Expert(hidden, heads=config["expert_heads"])
         self.router = Router(hidden)
@@ -95,10 +100,25 @@ class UR4RecMoE(SASRec):
         return self.memory[rows]
 
     # ----------------------------------------------------------------- scoring
-    def score(self, state: torch.Tensor, candidates: torch.Tensor, memory: torch.Tensor):
+    def item_projections(self):
+        """Every item's projected image and text features, [n_items, H] each.
+
+        Projecting the whole catalogue once is no dearer than projecting a batch's distinct candidates
+        (a client's sampled negatives cover most of it) and keeps every shape fixed, so the same code
+        runs for one client and under `torch.func.vmap` for a cohort.
+        """
+        return self.visual_proj(self.image_feat), self.text_proj(self.text_feat)
+
+    def route_table(self, projections=None) -> torch.Tensor:
+        """The router's (r_v, r_t) for every item, [n_items, 2]: it depends on the item alone."""
+        all_v, all_t = self.item_projections() if projections is None else projections
+        return self.router(all_v, all_t, self.available)
+
+    def score(self, state: torch.Tensor, candidates: torch.Tensor, memory: torch.Tensor, projections=None):
         """Scores of candidates for each state.
 
-        state [P, H]; candidates [P, N] or [1, N] (shared); memory [P, K] item ids.
+        state [P, H]; candidates [P, N] or [1, N] (shared); memory [P, K] item ids; projections: the
+        output of `item_projections()` when the caller already has it.
         Returns scores [P, N] and a dict of per-candidate gate weights for logging and losses.
         """
         table = self.item_embedding.weight
@@ -107,25 +127,23 @@ class UR4RecMoE(SASRec):
         aux = {}
         if not (self.use_align or self.use_experts):
             return scores, aux
-        items, inverse = torch.unique(candidates, return_inverse=True)
-        proj_v = self.visual_proj(self.image_feat[items])[inverse]
-        proj_t = self.text_proj(self.text_feat[items])[inverse]
-        emb = table[items][inverse]
-        available = self.available[items][inverse]
+        all_v, all_t = self.item_projections() if projections is None else projections
+        available = self.available[candidates]
         if self.use_align:
-            gate = self.align_gating(state, proj_v, proj_t, available)
-            # <a_v P_v x_i + a_t P_t x_i, e_i>: the two dot products depend on the candidate only.
-            dots = torch.stack([(proj_v * emb).sum(-1), (proj_t * emb).sum(-1)], dim=-1)
-            scores = scores + self.beta * (gate * dots).sum(-1)
+            # Whatever depends on the candidate alone is computed per item, then gathered: the
+            # gating's item part and <P_v x_i, e_i>, <P_t x_i, e_i>.
+            gate = self.align_gating(state, self.align_gating.item_part(all_v, all_t)[candidates], available)
+            dots = torch.stack([(all_v * table).sum(-1), (all_t * table).sum(-1)], dim=-1)[candidates]
+            scores = scores + self.beta * (gate * dots).sum(-1)  # <a_v P_v x_i + a_t P_t x_i, e_i>
             aux["align_weights"] = gate
         if self.use_experts:
+            proj_v, emb = all_v[candidates], table[candidates]
             slots = memory > 0
             mem_available = self.available[memory] & slots.unsqueeze(-1)
-            mem_v = self.visual_proj(self.image_feat[memory])
-            mem_t = self.text_proj(self.text_feat[memory])
+            mem_v, mem_t = all_v[memory], all_t[memory]
             visual = self.visual_expert(proj_v, mem_v, mem_available[..., 0])
             semantic = self.semantic_expert(emb, mem_t, mem_available[..., 1])
-            route = self.router(proj_v, proj_t, available)
+            route = self.route_table((all_v, all_t))[candidates]
             fused = self.fusion(state, visual, semantic, route)
             scores = scores + self.gamma * (fused * emb).sum(-1)
             aux["router_weights"] = route
@@ -137,7 +155,8 @@ class UR4RecMoE(SASRec):
         if not (self.use_align or self.use_experts):
             return self.score(state, candidates, memory)[0]
         rows = max(1, 2 ** 23 // (self.n_items * self.hidden_size))
-        return torch.cat([self.score(state[i:i + rows], candidates, memory[i:i + rows])[0]
+        projections = self.item_projections()
+        return torch.cat([self.score(state[i:i + rows], candidates, memory[i:i + rows], projections)[0]
                           for i in range(0, state.shape[0], rows)])
 
     # ----------------------------------------------------------------- RecBole API
@@ -173,25 +192,74 @@ class UR4RecMoE(SASRec):
         memory = self.memory_ids(mem_rows[valid], state.shape[0])
         return self._losses(state, targets[valid], memory, negatives)
 
-    def _losses(self, state, target, memory, negatives):
+    def masked_sequence_loss(self, item_seq, positions, targets, mem_rows, negatives, align_items, align_mask,
+                             states=None, total=None, route_mean=None, tail_seq=None):
+        """`sequence_loss` with fixed shapes, for `torch.func.vmap` over a cohort of clients.
+
+        The positions to train are given as indices instead of a boolean mask (whose selection has a
+        data-dependent size), padded to a common length and weighted 0; the align loss's distinct
+        target items come in padded too (`torch.unique` has no batching rule).
+        item_seq [W, L]; positions [P] indices into the W * L window positions, the real ones in
+        row-major order; targets, mem_rows [P] (target 0 = padding); negatives [P, n] or None;
+        align_items [U] the distinct targets, align_mask [U] which of them are real; states [P, H]
+        the backbone output at `positions` when the caller keeps it (a frozen backbone), else it is
+        computed here from item_seq and tail_seq [1, T]: a window shorter than L, encoded at its own
+        length (its positions come after item_seq's W * L in `positions`). Under causal attention
+        a window's trailing padding changes nothing before it, so this only saves work.
+
+        A client too large for one pass is trained in parts (sets of its windows) whose gradients
+        add up: then `total` is its number of positions (each weighs 1 / total, so the parts' losses
+        sum to the whole loss), the align loss comes with one part only (align_mask all False in the
+        others), and `route_mean` [2] is the mean router weight over all its positions (see `_losses`).
+        """
+        if states is None:
+            encoded = [self.encode(seq).flatten(0, 1) for seq in (item_seq, tail_seq) if seq is not None]
+            states = torch.cat(encoded)[positions]
+        valid = targets > 0
+        weight = valid.to(states.dtype) / (valid.sum() if total is None else total)
+        target = torch.where(valid, targets, 1)  # padding rows score a real item, at weight 0
+        memory = self.memory_ids(mem_rows, states.shape[0])
+        return self._losses(states, target, memory, negatives, weight, (align_items, align_mask), route_mean)
+
+    def _losses(self, state, target, memory, negatives, weight=None, align=None, route_mean=None):
+        """weight [P]: per-position weights (masked form; they sum to 1, or to this part's share of a
+        client trained in parts), or None for the plain mean; align: (items, mask) for
+        `masked_align_loss`, or None to take the distinct targets here; route_mean: see below."""
+        def average(per_position):  # [P, ...] -> [...]
+            if weight is None:
+                return per_position.mean(0)
+            return (per_position * weight.view(-1, *[1] * (per_position.ndim - 1))).sum(0)
+
         if negatives is None or self.rec_loss == "ce":
             scores, aux = self.score(state, torch.arange(self.n_items, device=state.device).unsqueeze(0), memory)
             scores[:, 0] = float("-inf")
-            rec = F.cross_entropy(scores, target)
+            rec = average(F.cross_entropy(scores, target, reduction="none"))
         else:
             scores, aux = self.score(state, torch.cat([target.unsqueeze(1), negatives], dim=1), memory)
             if self.rec_loss == "bpr":
-                rec = -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+                rec = average(-F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean(1))
             else:
-                rec = F.cross_entropy(scores, torch.zeros_like(target))
+                rec = average(F.cross_entropy(scores, torch.zeros_like(target), reduction="none"))
         zero = scores.new_zeros(())
         out = {"rec_loss": rec, "align_loss": zero, "lb_loss": zero}
         if self.use_align:
-            out["align_loss"] = self.align_loss(torch.unique(target))
-            out["align_weights"] = aux["align_weights"].reshape(-1, 2).mean(0).detach()
+            out["align_loss"] = (self.align_loss(torch.unique(target)) if align is None
+                                 else self.masked_align_loss(*align))
+            out["align_weights"] = average(aux["align_weights"].mean(-2)).detach() if weight is not None \
+                else aux["align_weights"].reshape(-1, 2).mean(0).detach()
         if self.use_experts:
-            mean_route = aux["router_weights"].reshape(-1, 2).mean(0)
-            out["lb_loss"] = ((mean_route - 0.5) ** 2).sum()
+            route = aux["router_weights"]  # [P, N, 2], or [1, N, 2] for candidates shared by all positions
+            if route.shape[0] == state.shape[0]:
+                mean_route = average(route.mean(-2))
+            else:  # shared candidates: the same mean at every position, scaled to this call's share
+                mean_route = route.reshape(-1, 2).mean(0) * (1.0 if weight is None else weight.sum())
+            if route_mean is None:
+                out["lb_loss"] = ((mean_route - 0.5) ** 2).sum()
+            else:
+                # A part of a client: the load balance couples all its positions through their mean m,
+                # given here (no gradient). sum_e 2 (m_e - 1/2) * (this part's share of m_e) has this part's
+                # share of the exact gradient; the backend reports the loss value from m itself.
+                out["lb_loss"] = (2 * (route_mean - 0.5) * mean_route).sum()
             out["router_weights"] = mean_route.detach()
         out["loss"] = rec + self.lambda_align * out["align_loss"] + self.lambda_lb * out["lb_loss"]
         return out
@@ -208,3 +276,21 @@ class UR4RecMoE(SASRec):
             logits = z @ target[have].T / self.align_temperature
             losses.append(F.cross_entropy(logits, torch.arange(len(z), device=z.device)))
         return torch.stack(losses).mean() if losses else self.gamma.new_zeros(())
+
+    def masked_align_loss(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`align_loss` over the real entries of a padded item list, without data-dependent branches
+        (for vmap): excluded columns get a large negative logit, excluded rows weight 0, and a modality
+        with fewer than two items drops out of the mean, as in `align_loss`."""
+        target = F.normalize(self.item_embedding(items).detach(), dim=-1)
+        labels = torch.arange(items.shape[0], device=items.device)
+        losses, active = [], []
+        for column, proj, feats in ((0, self.visual_proj, self.image_feat), (1, self.text_proj, self.text_feat)):
+            have = self.available[items, column] & mask
+            count = have.sum()
+            z = F.normalize(proj(feats[items]), dim=-1)
+            logits = (z @ target.T / self.align_temperature).masked_fill(~have.unsqueeze(0), -1e9)
+            per_row = F.cross_entropy(logits, labels, reduction="none")
+            losses.append((per_row * have).sum() / count.clamp_min(1))
+            active.append(count >= 2)
+        active = torch.stack(active).to(target.dtype)
+        return (torch.stack(losses) * active).sum() / active.sum().clamp_min(1)

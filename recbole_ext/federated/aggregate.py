@@ -1,0 +1,45 @@
+"""Weighted sums over a set of clients: what a backend, or one Ray actor's shard, hands back.
+
+Sums rather than means so shards combine by addition and the server divides once (FedAvg weighted
+by each client's number of training targets).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoundSums:
+    update: dict                                 # name -> sum_c w_c * (theta_c - theta_global)
+    stats: dict = field(default_factory=dict)    # key -> sum_c w_c * stat_c (loss terms, gate weights)
+    weight: float = 0.0                          # sum_c w_c
+    clients: int = 0
+
+    @classmethod
+    def zeros(cls, global_params: dict) -> "RoundSums":
+        return cls({name: torch.zeros_like(value) for name, value in global_params.items()})
+
+    def add_stats(self, stats: dict, weights: torch.Tensor | float) -> None:
+        """stats: key -> value for one client (weights a float) or [C, ...] for C clients ([C] weights)."""
+        for key, value in stats.items():
+            if isinstance(weights, torch.Tensor):
+                value = torch.einsum("c,c...->...", weights.to(value.dtype), value)
+            else:
+                value = weights * value
+            self.stats[key] = self.stats.get(key, 0.0) + value.detach()
+
+    def merge(self, other: "RoundSums") -> "RoundSums":
+        for name, value in other.update.items():
+            self.update[name] += value
+        for key, value in other.stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value
+        self.weight += other.weight
+        self.clients += other.clients
+        return self
+
+    def mean(self) -> tuple[dict, dict]:
+        """(FedAvg update, weighted mean stats)."""
+        return ({name: value / self.weight for name, value in self.update.items()},
+                {key: value / self.weight for key, value in self.stats.items()})

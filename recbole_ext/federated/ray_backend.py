@@ -1,0 +1,130 @@
+"""The `ray` backend: a fixed pool of Ray actors, each training a shard of every round's clients.
+
+Each actor receives the model (frozen parameters, item features, memory table) and the training
+windows once, when it starts, and keeps them. Per round the driver puts the global trainable
+parameters into the object store once; every actor fetches them, trains its shard with the
+`vectorized` backend and returns one pre-summed `RoundSums`, so a round moves the trainable
+parameters twice per actor, not per client. In stage 2 the frozen backbone's states are computed
+once on the driver and shared through the object store (zero-copy between actors on one node).
+
+`federated.ray_address` null starts a local Ray with enough CPUs for the pool; any other value is
+passed to `ray.init(address=...)` to join a running cluster ("auto" on a cluster node, or
+"ray://head:10001" through Ray Client). The package travels to the workers as a runtime-env
+`py_modules` entry; the cluster's Python must have this project's requirements installed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .aggregate import RoundSums
+from .backbone_cache import BackboneCache, backbone_is_frozen
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # recbole_ext/
+
+
+def connect(address: str | None, cpus_needed: float) -> None:
+    """Join `address`, or start a local Ray sized for the pool; reuse Ray if already initialised
+    (for example inside a Ray Tune trial)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        # At least as many CPUs as the pool asks for, so a pool larger than the machine
+        # oversubscribes instead of waiting forever for resources.
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(cpus_needed))), include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+
+
+class _Worker:
+    """One actor: a `VectorizedBackend` over its own copy of the model."""
+
+    def __init__(self, model, windows, settings, threads: int):
+        from .vectorized import VectorizedBackend
+
+        torch.set_num_threads(threads)
+        # Stage-2 states come from the driver (set_states), not from a cache of each actor's own.
+        self.backend = VectorizedBackend(model, windows, settings, own_cache=False)
+
+    def set_states(self, states: np.ndarray) -> None:
+        # A view of the object-store buffer (read-only; nothing writes to it).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+            self.backend.shared_states = torch.from_numpy(states)
+
+    def train(self, global_params: dict, clients: np.ndarray, round_seed: int) -> RoundSums:
+        return self.backend.train_clients(clients, global_params, round_seed)
+
+
+def shard_clients(clients: np.ndarray, work: np.ndarray, shards: int) -> list[np.ndarray]:
+    """Split clients into `shards` groups of similar total work (largest first onto the least loaded)."""
+    load = np.zeros(shards)
+    groups = [[] for _ in range(shards)]
+    for i in np.argsort(-work, kind="stable"):
+        target = int(np.argmin(load))
+        groups[target].append(clients[i])
+        load[target] += work[i]
+    return [np.array(sorted(g), dtype=clients.dtype) for g in groups]
+
+
+class RayBackend:
+    def __init__(self, model, windows, settings: dict):
+        import ray
+
+        fed = settings["federated"]
+        self.windows = windows
+        self.workers_count = fed["ray_workers"]
+        cpus = fed["ray_cpus_per_worker"]
+        connect(fed["ray_address"], cpus * self.workers_count)
+        self.cache = BackboneCache(model, windows.inputs) if backbone_is_frozen(model) else None
+        self._shared_generation = 0
+        model_ref, windows_ref = ray.put(model), ray.put(windows)
+        worker = ray.remote(_Worker).options(num_cpus=cpus)
+        self.workers = [worker.remote(model_ref, windows_ref, settings, max(1, int(cpus)))
+                        for _ in range(self.workers_count)]
+        self._share_states()
+
+    def _share_states(self) -> None:
+        """Compute (or recompute, if the backbone changed) the stage-2 states and hand them to the actors."""
+        import ray
+
+        if self.cache is None:
+            return
+        states = self.cache.states()
+        if self._shared_generation != self.cache.generation:
+            ref = ray.put(states.numpy())
+            ray.get([w.set_states.remote(ref) for w in self.workers])
+            self._shared_generation = self.cache.generation
+
+    def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
+        return self.train_clients(clients, global_params, round_seed).mean()
+
+    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False) -> RoundSums:
+        import ray
+
+        self._share_states()
+        clients = np.asarray(clients)
+        params_ref = ray.put(global_params)  # once per round, fetched by every actor
+        shards = shard_clients(clients, self.windows.num_targets[clients].astype(float), self.workers_count)
+        pending = [w.train.remote(params_ref, shard, round_seed) for w, shard in zip(self.workers, shards)
+                   if len(shard)]
+        sums = RoundSums.zeros(global_params)
+        for part in ray.get(pending):
+            sums.merge(part)
+        return sums
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

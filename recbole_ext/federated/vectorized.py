@@ -1,0 +1,397 @@
+"""The `vectorized` backend: a cohort of clients trained at once with torch.func.
+
+Each cohort runs `vmap(grad(loss))` over its clients: one batched forward and backward instead of
+one small one per client, with each client's own gradient clipping, its own optimizer (SGD or
+AdamW, state stacked [C, ...]) and its own negatives, drawn from its own generator exactly as
+`sequential` draws them.
+Frozen parameters and buffers are shared, never copied per client. The first local step starts every
+client from the global parameters, so they are passed once (not stacked) and the forward runs plain
+matrix products; with one local step (the default), the optimizer's first step is applied in closed
+form and summed over the cohort at once, so no per-client copy of the parameters or of optimizer
+state is ever made.
+
+Shapes: clients are padded to a common number of windows and of trained positions and masked
+(`UR4RecMoE.masked_sequence_loss`). Cohorts are formed from clients sorted by size, so a cohort pads
+no client by more than MAX_PADDING of its positions; a cohort holds at most `cohort_size` clients and
+`cohort_positions` padded positions per gradient pass. A client larger than that is trained in
+parts (sets of its windows) whose gradients are added before its optimizer step, so one gradient
+pass never holds more than about `cohort_positions` positions of activations: that bounds memory for
+ML-1M users with 2,000+ interactions (stage 3 holds about 3 MB of activations per position). The
+transformer skips the padding too: padding windows are dropped and each client's short (oldest)
+window runs at its own length (`trim_windows`).
+
+With a frozen backbone (stage 2) the backbone states come from `BackboneCache`: no transformer runs
+in a round at all.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm import tqdm
+
+from ..data.sequences import TrainingWindows
+from .aggregate import RoundSums
+from .backbone_cache import BackboneCache, backbone_is_frozen
+from .client import ADAM_BETAS, ADAM_EPS, client_generator, decays
+from .negatives import negatives_from_uniform
+
+MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction
+
+
+def default_cohort_positions(model) -> int:
+    """Positions per gradient pass when `federated.cohort_positions` is null: about 1-1.5 GiB of
+    activations on ML-1M for each stage (measured: ~0.1 MB a position in stage 1, ~0.4 MB with the
+    align gating, ~3 MB with the experts, whose tensors are [positions, candidates, hidden])."""
+    return 512 if model.use_experts else 2048 if model.use_align else 8192
+
+
+class _Call(nn.Module):
+    """`functional_call` runs a module's forward; this one's forward is one method of the model."""
+
+    def __init__(self, model, method: str):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args):
+        return getattr(self.model, self.method)(*args)
+
+
+def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_positions: int) -> list[np.ndarray]:
+    """Split `clients` into cohorts (arrays of client ids) of similar size (training positions):
+    sorted by size, a cohort pads none of its clients by more than MAX_PADDING of their size and
+    holds at most `max_clients` clients and `max_positions` padded positions (a larger client is a
+    cohort of its own, trained in parts)."""
+    order = np.argsort(sizes[clients], kind="stable")
+    cohorts, current, first = [], [], 0
+    for client in clients[order]:
+        size = int(sizes[client])
+        if current and (len(current) >= max_clients or size > math.floor(first * (1 + MAX_PADDING))
+                        or (len(current) + 1) * size > max_positions):
+            cohorts.append(np.array(current))
+            current = []
+        if not current:
+            first = size
+        current.append(client)
+    if current:
+        cohorts.append(np.array(current))
+    return cohorts
+
+
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's True columns, in order, left-aligned: (index [R, M], real [R, M]), padded with 0."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    rank = (mask.cumsum(1) - 1)[rows, cols]
+    width = max(1, int(mask.sum(1).max())) if mask.numel() else 1
+    index = torch.zeros(mask.shape[0], width, dtype=torch.long)
+    real = torch.zeros(mask.shape[0], width, dtype=torch.bool)
+    index[rows, rank] = cols
+    real[rows, rank] = True
+    return index, real
+
+
+class VectorizedBackend:
+    def __init__(self, model, windows: TrainingWindows, settings: dict, own_cache: bool = True):
+        """own_cache False: the stage-2 states are handed in as `shared_states` (Ray actors)."""
+        self.model = model
+        self.windows = windows
+        self.settings = settings
+        fed = settings["federated"]
+        self.cohort_size = fed["cohort_size"]
+        self.cohort_positions = fed.get("cohort_positions") or default_cohort_positions(model)
+        self.window_counts = np.diff(windows.window_offsets)
+        self.cache = BackboneCache(model, windows.inputs) if own_cache and backbone_is_frozen(model) else None
+        self.shared_states = None
+        self.loss_module = _Call(model, "masked_sequence_loss")
+        self.route_module = _Call(model, "route_table")
+
+    def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
+        return self.train_clients(clients, global_params, round_seed, progress).mean()
+
+    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False) -> RoundSums:
+        sums = RoundSums.zeros(global_params)
+        cohorts = plan_cohorts(np.asarray(clients), self.windows.num_targets, self.cohort_size,
+                               self.cohort_positions)
+        # Frozen parameters and buffers, shared by every client (in_dims None below).
+        frozen = {f"model.{name}": value for name, value in self.model.named_parameters() if name not in global_params}
+        frozen.update({f"model.{name}": value for name, value in self.model.named_buffers()})
+        states = self.cache.states() if self.cache is not None else self.shared_states
+        self.model.train()
+        for cohort in tqdm(cohorts, desc="cohorts", leave=False, disable=not progress):
+            self._train_cohort(cohort, global_params, frozen, states, round_seed, sums)
+        return sums
+
+    # ----------------------------------------------------------------- one cohort
+    def _train_cohort(self, cohort, global_params, frozen, states, round_seed, sums: RoundSums) -> None:
+        opt, fed = self.settings["optim"], self.settings["federated"]
+        names = list(global_params)
+        lr, epochs = opt["learning_rate"], fed["local_epochs"]
+        weight_decay = [opt["weight_decay"] if decays(name, global_params[name]) else 0.0 for name in names]
+        parts, whole = self._cohort_parts(cohort, round_seed, states)
+        device = next(iter(global_params.values())).device
+
+        def loss(trainable, shared, *inputs):
+            values = {**shared, **{f"model.{name}": value for name, value in trainable.items()}}
+            out = functional_call(self.loss_module, values, inputs)
+            return out["loss"], {key: value.detach() for key, value in out.items()}
+
+        def gradients(params, batched: bool, step: int):
+            """Per-client gradients [C, ...] and stats of one local step, summed over the parts.
+            `batched` False: every client holds `params` (the first step), passed once."""
+            route_mean = self._route_means(params, batched, frozen, whole, step) if len(parts) > 1 else None
+            total, stats = None, {}
+            for part in parts:
+                inputs = [part["item_seq"], part["positions"], part["targets"], part["mem_rows"],
+                          None if part["negatives"] is None else part["negatives"][step],
+                          part["align_items"], part["align_mask"], part["states"], part["total"], route_mean,
+                          part["tail_seq"]]
+                inputs = [None if x is None else x.to(device) for x in inputs]
+                dims = [None if x is None else 0 for x in inputs]
+                fn = vmap(grad(loss, has_aux=True), in_dims=(0 if batched else None, None, *dims),
+                          randomness="different")
+                grads, part_stats = fn(params, frozen, *inputs)
+                total = grads if total is None else {n: total[n] + grads[n] for n in names}
+                for key, value in part_stats.items():
+                    stats[key] = stats.get(key, 0) + value
+            if route_mean is not None:  # report the load-balance loss itself, not its per-part terms
+                stats["lb_loss"] = ((route_mean - 0.5) ** 2).sum(-1)
+                stats["loss"] = (stats["rec_loss"] + self.model.lambda_align * stats["align_loss"]
+                                 + self.model.lambda_lb * stats["lb_loss"])
+            grads = [total[name] for name in names]
+            clip = clip_coefficients(grads, opt["clip_grad_norm"]) if opt["clip_grad_norm"] else None
+            return grads, stats, clip
+
+        grads, stats, clip = gradients(global_params, False, 0)
+        weights = torch.as_tensor(self.windows.num_targets[cohort], dtype=torch.float32, device=device)
+        sgd = opt["optimizer"] == "sgd"
+        if epochs == 1:
+            # One step from a fresh optimizer, in closed form, summed over the cohort at once: no
+            # stacked parameter or moment copies.
+            first_step_sum = first_sgd_step_sum if sgd else first_adamw_step_sum
+            updates = first_step_sum(grads, clip, weights, [global_params[n] for n in names], lr, weight_decay)
+        else:
+            size = len(cohort)
+            params = {n: global_params[n].unsqueeze(0).repeat(size, *([1] * global_params[n].ndim)) for n in names}
+            stacked = [params[n] for n in names]
+            exp_avg = [torch.zeros_like(value) for value in stacked]
+            exp_avg_sq = [torch.zeros_like(value) for value in stacked]
+            for step in range(epochs):
+                if step:
+                    grads, stats, clip = gradients(params, True, step)
+                if clip is not None:
+                    scale_per_client_(grads, clip)
+                if sgd:
+                    sgd_(stacked, grads, lr, weight_decay)
+                else:
+                    adamw_(stacked, grads, exp_avg, exp_avg_sq, step + 1, lr, weight_decay)
+            with torch.no_grad():
+                updates = [torch.einsum("c,c...->...", weights.to(value.dtype), value.sub_(global_params[n]))
+                           for n, value in zip(names, stacked)]
+        for name, update in zip(names, updates):
+            sums.update[name] += update
+        sums.add_stats(stats, weights)
+        sums.weight += float(weights.sum())
+        sums.clients += len(cohort)
+
+    @torch.no_grad()
+    def _route_means(self, params, batched: bool, frozen, whole: dict, step: int) -> torch.Tensor | None:
+        """[C, 2]: each client's mean router weight over all its positions and candidates (the
+        load-balance loss couples a client's parts through it)."""
+        if not self.model.use_experts:
+            return None
+        device = next(iter(frozen.values())).device
+        negatives = None if whole["negatives"] is None else whole["negatives"][step].to(device)
+        targets, weight = whole["targets"].to(device), whole["weight"].to(device)
+
+        def mean_route(trainable, shared, targets, negatives, weight):
+            values = {**shared, **{f"model.{name}": value for name, value in trainable.items()}}
+            table = functional_call(self.route_module, values, ())  # [n_items, 2]
+            if negatives is None:  # full softmax: every position scores the whole catalogue
+                return table.mean(0)
+            route = table[torch.cat([targets.unsqueeze(1), negatives], dim=1)].mean(1)  # [P, 2]
+            return (route * weight.unsqueeze(1)).sum(0)
+
+        return vmap(mean_route, in_dims=(0 if batched else None, None, 0, None if negatives is None else 0, 0),
+                    randomness="different")(params, frozen, targets, negatives, weight)
+
+    def _cohort_parts(self, cohort, round_seed: int, states) -> tuple[list[dict], dict]:
+        """The cohort's inputs, as a list of parts (one unless a client is too large for one pass),
+        plus the whole-cohort targets, negatives and position weights (for `_route_means`)."""
+        w, loss_cfg, epochs = self.windows, self.settings["loss"], self.settings["federated"]["local_epochs"]
+        length = w.inputs.shape[1]
+        starts, counts = w.window_offsets[cohort], self.window_counts[cohort]
+        slots = np.arange(counts.max())
+        present = slots[None, :] < counts[:, None]  # [C, W]
+        index = torch.from_numpy(np.where(present, starts[:, None] + slots[None, :], 0))
+        present = torch.from_numpy(present).unsqueeze(-1)
+        inputs = w.inputs[index] * present  # [C, W, L]; padding windows are all zeros
+        targets = (w.targets[index] * present).flatten(1)  # [C, W * L]
+        mem_rows = (w.mem_rows[index] * present).flatten(1)
+        valid = targets > 0
+        totals = valid.sum(1)
+        ordinal = valid.cumsum(1) - 1  # rank of each real position among its client's, in row-major order
+
+        # Every client's negatives for every local step, in the order `sequential` draws them.
+        position, real = compact(valid)  # [C, P]
+        negatives = None
+        if loss_cfg["type"] != "ce":
+            num = loss_cfg["num_negatives"]
+            # Each client's uniform numbers from its own stream, in the order `sequential` draws them
+            # (step by step), then mapped to items for the whole cohort at once.
+            draws = [[] for _ in range(epochs)]
+            for i, user in enumerate(cohort):
+                generator = client_generator(round_seed, user)
+                for step in range(epochs):
+                    draws[step].append(torch.rand(int(totals[i]), num, generator=generator))
+            owner = torch.repeat_interleave(torch.arange(len(cohort)), totals)
+            excluded = w.excluded([int(u) for u in cohort])
+            items = torch.stack([negatives_from_uniform(excluded, owner, torch.cat(d)) for d in draws])
+            # [E, C, P, num]; padding rows get item 1: a real item, scored at weight 0.
+            negatives = torch.ones(epochs, len(cohort), position.shape[1], num, dtype=torch.long)
+            negatives[:, real] = items
+        align_items, align_mask = self._align_items(targets)
+        whole = {"targets": targets.gather(1, position) * real, "negatives": negatives,
+                 "weight": real / totals.clamp_min(1).unsqueeze(1).to(torch.float32)}
+
+        part_count = math.ceil(len(cohort) * int(totals.max()) / self.cohort_positions)
+        part_windows = math.ceil(inputs.shape[1] / part_count)
+        parts = []
+        for start in range(0, inputs.shape[1], part_windows):
+            window = torch.div(torch.arange(targets.shape[1]), length, rounding_mode="floor")
+            column, real = compact(valid & (window >= start) & (window < start + part_windows))
+            part = {"positions": (column - start * length) * real,
+                    "targets": targets.gather(1, column) * real,
+                    "mem_rows": mem_rows.gather(1, column) * real,
+                    "align_items": align_items,
+                    "align_mask": align_mask if start == 0 else torch.zeros_like(align_mask),
+                    "total": totals.to(torch.float32) if part_count > 1 else None,
+                    "negatives": None}
+            if negatives is not None:
+                rank = ordinal.gather(1, column) * real
+                part["negatives"] = negatives.gather(2, rank[None, :, :, None].expand(epochs, -1, -1, negatives.shape[3]))
+            if states is None:
+                part.update(states=None, **trim_windows(inputs[:, start:start + part_windows], column - start * length, real))
+            else:  # frozen backbone: its output at each position, looked up; no transformer at all
+                flat = index.gather(1, column // length) * length + column % length
+                part.update(item_seq=None, tail_seq=None, states=states.flatten(0, 1)[flat.to(states.device)])
+            parts.append(part)
+        return parts, whole
+
+    def _align_items(self, targets: torch.Tensor):
+        """Each client's distinct targets, [C, U] padded with 0, and the mask of real entries."""
+        if not self.model.use_align:
+            return torch.zeros(len(targets), 1, dtype=torch.long), torch.zeros(len(targets), 1, dtype=torch.bool)
+        # Sort each row, keep the first of every run of equal items; padding (0) sorts first and is dropped.
+        ordered, _ = torch.sort(targets, dim=1)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        column, real = compact(first & (ordered > 0))
+        return ordered.gather(1, column) * real, real
+
+
+def trim_windows(windows: torch.Tensor, column: torch.Tensor, real: torch.Tensor) -> dict:
+    """Drop the transformer's work on padding: the cohort's padding windows go, and each client's
+    window shorter than L (the oldest one) moves to `tail_seq` [C, 1, T], cut to the longest such
+    length T. windows [C, W, L]; column [C, P] positions into W * L (real ones where `real`).
+    Returns item_seq [C, F, L] (the full windows, or None), tail_seq (or None), and the positions
+    re-indexed into item_seq's F * L followed by tail_seq's T, as `masked_sequence_loss` reads them."""
+    length = windows.shape[2]
+    sizes = (windows > 0).sum(-1)  # [C, W] real items per window (right-padded)
+    full = sizes == length
+    short = (sizes > 0) & ~full  # at most one per client: the oldest window
+    keep, kept = compact(full)  # [C, F]
+    tail_length = int(sizes[short].max()) if bool(short.any()) else 0
+    window, offset = torch.div(column, length, rounding_mode="floor"), column % length
+    in_tail = short.gather(1, window)
+    slot = (full.cumsum(1) - 1).gather(1, window)  # rank of a full window among the client's full ones
+    count = keep.shape[1] if bool(kept.any()) else 0
+    positions = torch.where(in_tail, count * length + offset, slot * length + offset) * real
+    item_seq = (windows.gather(1, keep.unsqueeze(-1).expand(-1, -1, length)) * kept.unsqueeze(-1)) if count else None
+    tail_seq = None
+    if tail_length:
+        which = short.to(torch.long).argmax(1)  # the short window (or 0, zeroed below, if none)
+        tail_seq = (windows[torch.arange(len(windows)), which, :tail_length] * short.any(1, keepdim=True)).unsqueeze(1)
+    return {"item_seq": item_seq, "tail_seq": tail_seq, "positions": positions}
+
+
+@torch.no_grad()
+def clip_coefficients(grads: list, max_norm: float) -> torch.Tensor:
+    """[C]: the factor `torch.nn.utils.clip_grad_norm_` scales each client's (dim 0) gradients by."""
+    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads])  # [n_params, C]
+    return (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
+
+
+def _per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.ndim - 1)))
+
+
+@torch.no_grad()
+def scale_per_client_(grads: list, coef: torch.Tensor) -> None:
+    for g in grads:
+        g.mul_(_per_client(coef, g))
+
+
+@torch.no_grad()
+def adamw_(params: list, grads: list, exp_avg: list, exp_avg_sq: list, step: int, lr: float,
+           weight_decay: list) -> None:
+    """torch.optim.AdamW's step (foreach form, same operation order), on stacked per-client tensors."""
+    beta1, beta2 = ADAM_BETAS
+    for p, decay in zip(params, weight_decay):
+        if decay:
+            p.mul_(1 - lr * decay)
+    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+    step_size = -lr / (1 - beta1 ** step)
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
+    torch._foreach_add_(denom, ADAM_EPS)
+    torch._foreach_addcdiv_(params, exp_avg, denom, step_size)
+
+
+def sgd_(params: list, grads: list, lr: float, weight_decay: list) -> None:
+    """torch.optim.SGD's step (no momentum; decay added to the gradient), on stacked per-client tensors."""
+    for p, g, decay in zip(params, grads, weight_decay):
+        p.sub_(g.add(p, alpha=decay) if decay else g, alpha=lr)
+
+
+@torch.no_grad()
+def first_sgd_step_sum(grads: list, clip: torch.Tensor | None, weights: torch.Tensor, params: list,
+                       lr: float, weight_decay: list) -> list:
+    """sum_c weights[c] * (the parameter change of client c's first SGD step): -lr (c_c g_c + decay p)."""
+    scale = weights if clip is None else weights * clip
+    total = float(weights.sum())
+    out = []
+    for g, p, decay in zip(grads, params, weight_decay):
+        update = torch.einsum("c,c...->...", scale.to(g.dtype), g).mul_(-lr)
+        if decay:
+            update.sub_(p, alpha=lr * decay * total)
+        out.append(update)
+    return out
+
+
+@torch.no_grad()
+def first_adamw_step_sum(grads: list, clip: torch.Tensor | None, weights: torch.Tensor, params: list,
+                         lr: float, weight_decay: list) -> list:
+    """sum_c weights[c] * (the parameter change of client c's first AdamW step), per parameter.
+
+    With zero moments, step 1 has m = (1 - b1) g and v = (1 - b2) g^2 and the bias corrections
+    cancel the (1 - b) factors: delta = -lr * g / (|g| + eps) - lr * weight_decay * p. Clipping by a
+    factor c gives c g / (c |g| + eps) = g / (|g| + eps / c), so the clipped gradient is never
+    formed. This equals torch.optim.AdamW's first step up to float rounding (tests/test_backends.py
+    checks it). `grads` is overwritten.
+    """
+    eps = ADAM_EPS if clip is None else ADAM_EPS / clip
+    total = float(weights.sum())
+    out = []
+    for g, p, decay in zip(grads, params, weight_decay):
+        denom = g.abs().add_(eps if clip is None else _per_client(eps, g))
+        update = torch.einsum("c,c...->...", weights.to(g.dtype), g.div_(denom)).mul_(-lr)
+        if decay:
+            update.sub_(p, alpha=lr * decay * total)
+        out.append(update)
+    return out

@@ -1,0 +1,209 @@
+"""Ray Tune sweeps of stage 2: the search space in the config, and real sweeps on a local Ray (2 CPUs)
+over tiny data: outputs, a diverging trial, an interrupted sweep resumed, best.yaml run as a stage."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import run
+from conftest import ROOT, recbole_example_dir, tiny_config
+from recbole_ext.config import load_config
+from recbole_ext.errors import UserError
+from recbole_ext.pipeline import Stage
+from recbole_ext.runs import read_metrics
+
+SMOKE = str(ROOT / "yamls" / "tune_smoke.yaml")
+BACKBONE = "[item_embedding, position_embedding, trm_encoder, LayerNorm]"
+ROUNDS = 3
+
+
+def test_tune_files_declare_the_sweep():
+    cfg = load_config(ROOT / "yamls" / "tune_stage2.yaml")
+    assert cfg["stage"] == 2 and cfg["trainable"] == ["visual_proj.*", "text_proj.*", "align_gating.*"]
+    assert cfg["tune"]["space"] == {
+        "optim.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "model.projector_init_gain": {"type": "loguniform", "low": 1e-2, "high": 1.0}}
+    assert cfg["tune"]["scheduler"] == "asha" and cfg["tune"]["storage_path"].endswith("runs/tune")
+    smoke = load_config(SMOKE)
+    assert smoke["tune"]["trials"] == 2 and smoke["tune"]["space"] == cfg["tune"]["space"]
+    assert smoke["load"][0]["checkpoint"].endswith("runs/smoke/best.pt")
+
+
+def test_space_dimensions_can_be_set_from_the_command_line_and_files_replace_the_space(tmp_path):
+    cfg = load_config(SMOKE, ["tune.space.loss.lambda_align={type: choice, values: [0, 0.1]}",
+                              "tune.space.optim.learning_rate={type: grid, values: [0.001, 0.01]}"])
+    assert cfg["tune"]["space"]["loss.lambda_align"] == {"type": "choice", "values": [0, 0.1]}
+    assert cfg["tune"]["space"]["optim.learning_rate"]["type"] == "grid"
+    assert "model.projector_init_gain" in cfg["tune"]["space"]
+    replaced = load_config(SMOKE, ["tune.space={optim.weight_decay: {type: uniform, low: 0, high: 0.1}}"])
+    assert list(replaced["tune"]["space"]) == ["optim.weight_decay"]
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {SMOKE}\ntune:\n  space:\n    model.align_beta: {{type: uniform, low: 0.5, high: 2}}\n")
+    assert list(load_config(child)["tune"]["space"]) == ["model.align_beta"]  # not merged with the parent's
+
+
+@pytest.mark.parametrize("key, spec, message", [
+    ("optim.learning_rat", "{type: loguniform, low: 0.001, high: 0.1}",
+     r"unknown key 'optim.learning_rat' \(did you mean 'optim.learning_rate'\?\)"),
+    ("optim.learning_rate", "{type: normal, low: 0.001, high: 0.1}", r"tune.space\['optim.learning_rate'\] must be"),
+    ("optim.learning_rate", "{type: uniform, low: 0.001}", r"tune.space\['optim.learning_rate'\] must be"),
+    ("optim.learning_rate", "{type: loguniform, low: 0.1, high: 0.001}", r"low \(0.1\) must be below high"),
+    ("optim.learning_rate", "{type: loguniform, low: 0, high: 0.1}", r"optim.learning_rate = 0.0 must be > 0"),
+    ("model.align_beta", "{type: loguniform, low: -1, high: 1}", r"loguniform range needs low > 0"),
+    ("federated.rounds", "{type: uniform, low: 1, high: 5}", r"federated.rounds is not a float"),
+    ("federated.rounds", "{type: choice, values: [2, many]}", r"federated.rounds must be int, got 'many'"),
+    ("loss.type", "{type: choice, values: []}", r"values must be a non-empty list"),
+    ("tune.trials", "{type: choice, values: [1, 2]}", r"tune.space\['tune.trials'\]: cannot be swept"),
+])
+def test_bad_space_entries_name_the_key(key, spec, message):
+    with pytest.raises(UserError, match=message):
+        load_config(SMOKE, [f"tune.space.{key}={spec}"])
+
+
+def test_a_sweep_without_its_stage1_checkpoint_stops_cleanly(tmp_path, capsys, features):
+    code = run.main(["tune", "--config", SMOKE, "--set", f"data.path={recbole_example_dir()}",
+                     "--set", f"data.text_features={features['text']}",
+                     "--set", f"load=[{{checkpoint: {tmp_path / 'none.pt'}, groups: {BACKBONE}}}]",
+                     "--set", f"tune.storage_path={tmp_path / 'sweeps'}"])
+    assert code == 2 and "none.pt: checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+# ---- real sweeps -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, features):
+    """A tiny stage-1 run (its best.pt and summary.json) for the sweeps to start stage 2 from."""
+    root = tmp_path_factory.mktemp("tune")
+    Stage(tiny_config("stage1.yaml", root / "stage1", features), "stage1").run(show_progress=False)
+    return root / "stage1"
+
+
+def sweep_args(stage1, features, storage, learning_rates, *extra):
+    """`run.py tune` arguments: tune_smoke.yaml on the test's tiny data, a grid over learning rates.
+    ASHA's grace period is the whole run, so it cannot prune a trial whichever trial reports first."""
+    sets = [f"data.path={recbole_example_dir()}", "data.max_users=30", f"data.text_features={features['text']}",
+            f"data.image_features={features['image']}", "loss.num_negatives=16", "federated.clients_per_round=8",
+            f"federated.rounds={ROUNDS}", f"load=[{{checkpoint: {stage1 / 'best.pt'}, groups: {BACKBONE}}}]",
+            f"tune.storage_path={storage}", "tune.trials=1", f"tune.grace_period={ROUNDS}",
+            f"tune.space.optim.learning_rate={{type: grid, values: {learning_rates}}}", *extra]
+    return ["tune", "--config", SMOKE, *(arg for s in sets for arg in ("--set", s))]
+
+
+def read_rows(sweep_dir):
+    with open(sweep_dir / "trials.csv") as f:
+        return {row["optim.learning_rate"]: row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def sweep(stage1, features, tmp_path_factory):
+    """Two trials run side by side under ASHA: a sane learning rate and one that must blow up."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run.main(sweep_args(stage1, features, tmp_path_factory.mktemp("sweeps"), "[0.003, 1000.0]"))
+    assert code == 0, out.getvalue()
+    stdout = out.getvalue()
+    return {"dir": Path(stdout.strip().splitlines()[-1].split("sweep folder: ")[1]), "stdout": stdout}
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_its_folder_and_ends_with_the_best_trials(sweep):
+    rows = read_rows(sweep["dir"])
+    assert set(rows) == {"0.003", "1000.0"}
+    ok = rows["0.003"]
+    assert ok["status"] == "ok" and ok["rounds_run"] == str(ROUNDS) and ok["error"] == ""
+    for protocol in ("full", "uni100"):
+        for metric in ("hit@10", "ndcg@10"):
+            assert 0 <= float(ok[f"valid_{protocol}_{metric}"]) <= 1
+    assert 1 <= int(ok["best_round"]) <= ROUNDS and float(ok["model.projector_init_gain"]) > 0
+    assert float(ok["final_loss"]) > 0 and ok["final_rec_loss"] and ok["final_align_loss"]
+    assert (sweep["dir"] / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = sweep["stdout"].strip().splitlines()
+    assert lines[-1] == f"sweep folder: {sweep['dir']}"
+    table = lines[lines.index("best trials:"):-1]
+    assert ok["trial"] in table[3] and "ok" in table[3]  # the stable trial ranks first
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_stopped_and_recorded_without_failing_the_sweep(sweep):
+    rows = read_rows(sweep["dir"])
+    diverged = rows["1000.0"]
+    assert diverged["status"] == "diverged" and diverged["error"] == ""
+    # round 1's loss is taken before the first update; the blow-up shows in round 2, where the run stops
+    assert diverged["diverged_round"] == "2" and diverged["rounds_run"] == "2"
+    assert float(diverged["final_loss"]) > 10 * float(diverged["first_loss"])
+    assert diverged["criterion"] == "not met"
+    assert f"{diverged['trial']} diverged" in sweep["stdout"]
+
+
+@pytest.mark.slow
+def test_the_stage2_criterion_compares_with_stage1(sweep, stage1):
+    stage1_hit = json.loads((stage1 / "summary.json").read_text())["valid"]["uni100"]["hit@10"]
+    ok = read_rows(sweep["dir"])["0.003"]
+    assert float(ok["stage1_valid_hit@10"]) == stage1_hit
+    expected = (float(ok["valid_uni100_hit@10"]) >= stage1_hit - 0.05
+                and float(ok["final_loss"]) < float(ok["first_loss"]))
+    assert ok["criterion"] == ("met" if expected else "not met")
+
+
+@pytest.mark.slow
+def test_best_yaml_runs_as_a_stage_config(sweep, capsys):
+    best = sweep["dir"] / "best.yaml"
+    cfg = yaml.safe_load(best.read_text())
+    ok = read_rows(sweep["dir"])["0.003"]
+    assert cfg["optim"]["learning_rate"] == 0.003
+    assert repr(cfg["model"]["projector_init_gain"]) == ok["model.projector_init_gain"]
+    assert run.main(["--config", str(best), "--quiet"]) == 0
+    summary = json.loads((sweep["dir"] / "best" / "summary.json").read_text())
+    assert summary["stage"] == 2 and summary["name"] == "tune-smoke-best"
+    assert capsys.readouterr().out.strip().endswith(f"run folder: {sweep['dir'] / 'best'}")
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, features, tmp_path):
+    """Two trials one after the other; Ctrl+C while the second one trains, then `run.py tune --resume`."""
+    args = sweep_args(stage1, features, tmp_path, "[0.003, 0.001]", "tune.max_concurrent_trials=1")
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "run.py"), *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("trial_"):  # the first trial has ended
+            break
+    sweep_dir = Path(next(l for l in lines if l.startswith("sweep folder: ")).split(": ", 1)[1].strip())
+    first = lines[-1].split()[0]
+    deadline = time.time() + 60
+    while not (started := [d for d in sweep_dir.glob("trial_*/run") if d.parent.name != first
+                           and (d / "state.pt").is_file()]):
+        assert time.time() < deadline and proc.poll() is None, "the second trial never saved a round"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and f"run.py tune --resume {sweep_dir}" in output, output[-3000:]
+    assert not (sweep_dir / "trials.csv").exists()
+    before = (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns
+    round1 = read_metrics(started[0])[0]
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), "tune", "--resume", str(sweep_dir)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == f"sweep folder: {sweep_dir}"
+    rows = read_rows(sweep_dir)
+    assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 2
+    assert (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns == before  # not run again
+    assert first not in resumed.stdout.split("best trials:")[0]  # only the other trial ended in this run
+    # the trial cut off half-way continued from its saved state: round 1 was not run again
+    second = read_metrics(started[0])
+    assert [rec["round"] for rec in second] == list(range(1, ROUNDS + 1)) and second[0] == round1
+    assert (started[0] / "summary.json").is_file()
+    assert (sweep_dir / "best.yaml").is_file()
