@@ -14,7 +14,7 @@ from conftest import ROOT, recbole_example_dir
 
 pytestmark = pytest.mark.slow
 
-SETS = [f"data.path={recbole_example_dir()}", "federated.rounds=6", "federated.clients_per_round=12",
+SETS = [f"data.path={recbole_example_dir()}", "federated.rounds=30", "federated.clients_per_round=12",
         "state_every=1", "eval.every=2", "federated.server_optimizer=adam", "federated.server_lr=0.01"]
 
 
@@ -41,11 +41,10 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
         if path.exists() and len(path.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    time.sleep(0.3)  # into round 4
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(metrics(killed))
-    assert 3 <= done < 6, "the kill should land before the run finished"
+    assert 3 <= done < 30, "the kill should land before the run finished"
 
     subprocess.run(command(killed, "--resume", str(killed)), check=True, capture_output=True)
     assert metrics(killed) == metrics(reference)

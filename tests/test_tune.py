@@ -31,7 +31,7 @@ def test_tune_files_declare_the_sweep():
     cfg = load_config(ROOT / "yamls" / "tune_stage2.yaml")
     assert cfg["stage"] == 2 and cfg["trainable"] == ["visual_proj.*", "text_proj.*", "align_gating.*"]
     assert cfg["tune"]["space"] == {
-        "optim.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "federated.server_lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
         "model.projector_init_gain": {"type": "loguniform", "low": 1e-2, "high": 1.0}}
     assert cfg["tune"]["scheduler"] == "asha" and cfg["tune"]["storage_path"].endswith("runs/tune")
     smoke = load_config(SMOKE)
@@ -96,13 +96,13 @@ def sweep_args(stage1, features, storage, learning_rates, *extra):
             f"data.image_features={features['image']}", "loss.num_negatives=16", "federated.clients_per_round=8",
             f"federated.rounds={ROUNDS}", f"load=[{{checkpoint: {stage1 / 'best.pt'}, groups: {BACKBONE}}}]",
             f"tune.storage_path={storage}", "tune.trials=1", f"tune.grace_period={ROUNDS}",
-            f"tune.space.optim.learning_rate={{type: grid, values: {learning_rates}}}", *extra]
+            f"tune.space.federated.server_lr={{type: grid, values: {learning_rates}}}", *extra]
     return ["tune", "--config", SMOKE, *(arg for s in sets for arg in ("--set", s))]
 
 
 def read_rows(sweep_dir):
     with open(sweep_dir / "trials.csv") as f:
-        return {row["optim.learning_rate"]: row for row in csv.DictReader(f)}
+        return {row["federated.server_lr"]: row for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_best_yaml_runs_as_a_stage_config(sweep, capsys):
     best = sweep["dir"] / "best.yaml"
     cfg = yaml.safe_load(best.read_text())
     ok = read_rows(sweep["dir"])["0.003"]
-    assert cfg["optim"]["learning_rate"] == 0.003
+    assert cfg["federated"]["server_lr"] == 0.003
     assert repr(cfg["model"]["projector_init_gain"]) == ok["model.projector_init_gain"]
     assert run.main(["--config", str(best), "--quiet"]) == 0
     summary = json.loads((sweep["dir"] / "best" / "summary.json").read_text())
