@@ -5,6 +5,8 @@
     python run.py --config yamls/stage2.yaml --resume runs/stage2      continue an interrupted run
     python run.py prepare SUBCOMMAND ...                               build data and feature files
     python run.py report RUN_DIR [RUN_DIR ...]                         table of finished runs
+    python run.py results RUN_DIR ... --out F.json [--plots DIR]       result records, seed table, figures
+    python run.py baseline --config FILE --model SASRec --epochs N     stock RecBole model on our split
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
     python run.py tune --resume SWEEP_DIR                              continue an interrupted sweep
 """
@@ -50,6 +52,12 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "report":
             from recbole_ext.report import main as report_main
             report_main(argv[1:])
+        elif argv and argv[0] == "baseline":
+            from recbole_ext.baseline import main as baseline_main
+            baseline_main(argv[1:])
+        elif argv and argv[0] == "results":
+            from recbole_ext.results import main as results_main
+            results_main(argv[1:])
         elif argv and argv[0] == "tune":
             from recbole_ext.tune import main as tune_main
             tune_main(argv[1:])

@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -87,12 +86,10 @@ def timed(fn, repeats: int) -> tuple[float, dict]:
     return best, memory.record()
 
 
-def machine(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
-            "torch": torch.__version__, "threads": threads, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+def machine() -> dict:
+    from recbole_ext.runs import machine_info
+
+    return {**machine_info(), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 # ----------------------------------------------------------------------------- data
@@ -444,7 +441,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    info = machine(torch.get_num_threads())
+    info = machine()
     backends = [b for b in args.backends.split(",") if b]
     data = Path(args.data).resolve()
     wanted = args.datasets.split(",") if args.datasets else None

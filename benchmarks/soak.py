@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -20,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
-import torch  # noqa: E402
 
 from recbole_ext import compat  # noqa: E402,F401
 from recbole_ext.config import load_config  # noqa: E402
 from recbole_ext.pipeline import Stage  # noqa: E402
+from recbole_ext.runs import machine_info  # noqa: E402
 
 
 def main() -> int:
@@ -52,8 +51,7 @@ def main() -> int:
     growth = max(s["rss_mib"] for s in samples if s["round"] >= args.every) / base - 1
     result = {"benchmark": "soak", "rounds": args.rounds, "samples": samples,
               "growth_after_first_sample": round(growth, 4), "passed": growth <= 0.10,
-              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "python": platform.python_version()}}
+              "machine": machine_info()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"growth after round {args.every}: {growth:+.1%} -> {'pass' if result['passed'] else 'FAIL'}")

@@ -8,7 +8,7 @@ RecBole 1.2.1 predates all three. What it trips over, and why each shim is here:
   object, so they only load with `weights_only=False`. `load_recbole_checkpoint` does that explicitly,
   for files RecBole itself wrote. The project's own checkpoints never need it.
 * Importing any RecBole sequential model imports SINE, whose module switches on autograd anomaly
-  detection for the whole process (training runs several times slower); `import_sasrec` switches
+  detection for the whole process (training runs several times slower); `import_sequential` switches
   it back off.
 * `recbole.quick_start` imports Ray Tune at import time and its `run_recbole` cannot find a model
   class outside RecBole; nothing here imports it.
@@ -48,13 +48,18 @@ patch_numpy()
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 
-def import_sasrec():
-    """RecBole's SASRec class, without the process-wide anomaly detection its package turns on."""
+def import_sequential(name: str):
+    """A stock RecBole sequential model class (`SASRec`, `GRU4Rec`, ...), without the process-wide
+    anomaly detection its package turns on."""
     import torch
-    from recbole.model.sequential_recommender.sasrec import SASRec
+    from recbole.model import sequential_recommender
 
     torch.autograd.set_detect_anomaly(False)
-    return SASRec
+    return getattr(sequential_recommender, name)
+
+
+def import_sasrec():
+    return import_sequential("SASRec")
 
 
 def recbole_config(model_class, dataset: str, config_dict: dict):

@@ -166,17 +166,28 @@ def with_values(config: dict, values: dict, where: str) -> dict:
     return config
 
 
+# A resumed run may be given a larger budget (a long run extended session by session); any other
+# change would make its rounds a mix of two experiments.
+BUDGET_KEYS = ("federated.rounds", "centralized.epochs")
+
+
 def check_resumable(config: dict) -> None:
-    """A run continues only under the config it started with (its run folder's config.yaml)."""
+    """A run continues only under the config it started with (its run folder's config.yaml), except
+    that the budget (BUDGET_KEYS) may grow."""
     saved_path = Path(config["run_dir"]) / "config.yaml"
     if not saved_path.is_file():
         raise UserError(f"{config['run_dir']}: not a run folder to resume (no config.yaml)")
     saved = yaml.safe_load(saved_path.read_text())
     changed = [k for k in sorted(set(_flatten(saved)) | set(_flatten(config)))
                if _get_or_none(saved, k) != _get_or_none(config, k)]
+    shrunk = [k for k in changed if k in BUDGET_KEYS and get(config, k) < get(saved, k)]
+    if shrunk:
+        raise UserError(f"{saved_path}: a resumed run's budget can grow, not shrink: "
+                        + ", ".join(f"{k} {_get_or_none(saved, k)} -> {_get_or_none(config, k)}" for k in shrunk))
+    changed = [k for k in changed if k not in BUDGET_KEYS]
     if changed:
         raise UserError(f"{saved_path}: the run was started with a different config; keys that differ: "
-                        f"{', '.join(changed)}")
+                        f"{', '.join(changed)} (only {' and '.join(BUDGET_KEYS)} may change, to grow the budget)")
 
 
 def _get_or_none(config: dict, dotted: str):

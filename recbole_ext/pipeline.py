@@ -6,6 +6,7 @@ config, data file or checkpoint leaves nothing behind.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,34 +40,64 @@ def recbole_settings(cfg: dict) -> dict:
     }
 
 
-class Stage:
-    """Everything a stage needs, built and checked; `run()` trains, tests and writes the run folder."""
+@dataclass
+class Split:
+    """A config's dataset and leave-one-out split as RecBole builds them: every run that reports
+    numbers next to ours (stages, stock baselines) loads its data through `Split.load`."""
 
-    def __init__(self, cfg: dict, where: str):
+    rb_config: object
+    dataset: object  # UR4RecDataset
+    train: object  # RecBole's training loader: every prefix of each user's training sequence
+    valid: object  # full-sort evaluation loaders
+    test: object
+    item_tokens: list  # raw item tokens in internal-id order, [PAD] first
+
+    @classmethod
+    def load(cls, cfg: dict, where: str, model_class, settings: dict) -> "Split":
+        """`model_class` only tells RecBole's Config which defaults to load; the data and the split do
+        not depend on it."""
         from recbole.data import data_preparation
         from recbole.utils import init_seed
 
         from .data.atomic import check_interactions
         from .data.dataset import UR4RecDataset
-        from .data.sequences import build_training_windows
-        from .evaluation import TwoProtocolEvaluator
-        from .model.ur4rec_moe import UR4RecMoE
-        from . import stages
 
-        self.cfg, self.where, self.started = cfg, where, time.time()
         data = cfg["data"]
         inter = Path(data["path"]) / data["dataset"] / f"{data['dataset']}.inter"
         if not inter.is_file():
             raise UserError(f"{where}: data.path/data.dataset point to {inter}, which does not exist "
                             f"(for ML-100K run `python run.py prepare ml100k --out {data['path']}`)")
         check_interactions(inter)
-        self.rb_config = compat.recbole_config(UR4RecMoE, data["dataset"], recbole_settings(cfg))
+        rb_config = compat.recbole_config(model_class, data["dataset"], settings)
         init_seed(cfg["seed"], True)
-        self.dataset = UR4RecDataset(self.rb_config, max_users=data["max_users"])
-        train, valid, test = data_preparation(self.rb_config, self.dataset)
-        self.item_tokens = list(self.dataset.field2id_token[self.dataset.iid_field])
-        if len(self.item_tokens) - 1 <= TOP_K:
-            raise UserError(f"{inter}: {len(self.item_tokens) - 1} items; ranking metrics at {TOP_K} need more")
+        dataset = UR4RecDataset(rb_config, max_users=data["max_users"])
+        train, valid, test = data_preparation(rb_config, dataset)
+        item_tokens = list(dataset.field2id_token[dataset.iid_field])
+        if len(item_tokens) - 1 <= TOP_K:
+            raise UserError(f"{inter}: {len(item_tokens) - 1} items; ranking metrics at {TOP_K} need more")
+        return cls(rb_config, dataset, train, valid, test, item_tokens)
+
+    def evaluator(self, seed: int):
+        """Both protocols on valid and test; the uni100 negatives depend only on the data and `seed`."""
+        from .evaluation import TwoProtocolEvaluator
+
+        return TwoProtocolEvaluator(self.rb_config, self.dataset, {"valid": self.valid, "test": self.test}, seed)
+
+
+class Stage:
+    """Everything a stage needs, built and checked; `run()` trains, tests and writes the run folder."""
+
+    def __init__(self, cfg: dict, where: str):
+        from recbole.utils import init_seed
+
+        from .data.sequences import build_training_windows
+        from .model.ur4rec_moe import UR4RecMoE
+        from . import stages
+
+        self.cfg, self.where, self.started = cfg, where, time.time()
+        data = cfg["data"]
+        split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))
+        self.rb_config, self.dataset, self.item_tokens = split.rb_config, split.dataset, split.item_tokens
         side = self._side_info(UR4RecMoE)
         init_seed(cfg["seed"], True)
         self.model = UR4RecMoE(self.rb_config, self.dataset, side)
@@ -74,9 +105,8 @@ class Stage:
         self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
         self.trainable = stages.apply_trainable(self.model, cfg["trainable"], where)
         stages.check_expectations(self.trainable, cfg["expect"], where)
-        self.windows = build_training_windows(self.dataset, train.dataset, data["max_seq_length"])
-        self.evaluator = TwoProtocolEvaluator(self.rb_config, self.dataset, {"valid": valid, "test": test},
-                                              cfg["seed"])
+        self.windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
+        self.evaluator = split.evaluator(cfg["seed"])
 
     def _side_info(self, model_class):
         from .data.features import load_item_features, read_item_tokens
@@ -115,7 +145,7 @@ class Stage:
     def run(self, show_progress: bool = True, callback_fn=None, resume: bool = False) -> dict:
         from .centralized import CentralizedTrainer
         from .federated.trainer import FederatedTrainer
-        from .runs import RunFolder
+        from .runs import RunFolder, machine_info
 
         cfg = self.cfg
         run = RunFolder(cfg["run_dir"])
@@ -131,13 +161,18 @@ class Stage:
             trainer = FederatedTrainer(self.rb_config, self.model, cfg, run, meta, self.windows)
         else:
             trainer = CentralizedTrainer(self.rb_config, self.model, cfg, run, meta)
+        earlier_seconds = 0.0
         if resume:
             trainer.resume_from(state)
+            run.write_config(cfg)  # a grown budget is now the one a later resume must match
+            earlier_seconds = sum(record["seconds"] for record in trainer.records)
         trainer.fit(self.windows, self.evaluator, show_progress=show_progress, callback_fn=callback_fn)
         test = trainer.evaluate(self.evaluator)
-        summary = {"stage": cfg["stage"], "name": cfg["name"], "trainer": cfg["trainer"],
-                   "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.trainable.values()),
-                   "trainable_groups": self.trainable, "best_round": trainer.best_round,
-                   "valid": trainer.best_valid, "test": test, "wall_seconds": round(time.time() - self.started, 1)}
+        summary = {"stage": cfg["stage"], "name": cfg["name"], "trainer": cfg["trainer"], "model": "UR4Rec-MoE",
+                   "seed": cfg["seed"], "dataset": cfg["data"]["dataset"],
+                   "trainable_params": sum(self.trainable.values()), "trainable_groups": self.trainable,
+                   "best_round": trainer.best_round, "rounds_run": trainer.completed, "valid": trainer.best_valid,
+                   "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
+                   "machine": machine_info()}
         run.write_summary(summary)
         return summary

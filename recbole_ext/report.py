@@ -7,28 +7,33 @@ from pathlib import Path
 
 from .errors import UserError
 
-_METRICS = ("hit@10", "ndcg@10", "mrr@10")
+METRICS = {"hit@10": "HR@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10"}  # table columns: heading
 
 
 def format_summary(summary: dict) -> str:
     test = summary["test"]
     lines = [f"test ({summary['name']}, best {summary['best_round']}):"]
     for protocol, values in test.items():
-        lines.append(f"  {protocol:<7} " + "  ".join(f"{m} {values[m]:.4f}" for m in _METRICS))
+        lines.append(f"  {protocol:<7} " + "  ".join(f"{m} {values[m]:.4f}" for m in METRICS))
     return "\n".join(lines)
 
 
+def read_summary(run_dir: str | Path) -> dict:
+    """A finished run's summary.json; a run folder without one is an error naming it."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no summary (did the run finish?)")
+    return json.loads(path.read_text())
+
+
 def table(run_dirs: list[str]) -> str:
-    head = ["run", "stage"] + [f"{p} {m}" for p in ("full", "uni100") for m in ("HR@10", "NDCG@10", "MRR@10")]
+    head = ["run", "stage"] + [f"{p} {m}" for p in ("full", "uni100") for m in METRICS.values()]
     head += ["trainable", "wall s"]
     rows = []
     for run_dir in run_dirs:
-        path = Path(run_dir) / "summary.json"
-        if not path.is_file():
-            raise UserError(f"{path}: no summary (did the run finish?)")
-        s = json.loads(path.read_text())
+        s = read_summary(run_dir)
         rows.append([s["name"], str(s["stage"])] + [f"{s['test'][p][m]:.4f}" for p in ("full", "uni100")
-                                                    for m in _METRICS]
+                                                    for m in METRICS]
                     + [f"{s['trainable_params']:,}", f"{s['wall_seconds']:.0f}"])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 from pathlib import Path
 
+import psutil
 import torch
 
 from .config import dump
@@ -17,6 +19,16 @@ from .errors import UserError
 
 CHECKPOINT = "best.pt"
 STATE = "state.pt"  # resumable training state
+
+
+def machine_info() -> dict:
+    """What a timing or a wall time was measured on, for summaries and benchmark records."""
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if cpuinfo.exists() else platform.processor()
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform()}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -34,6 +46,9 @@ class RunFolder:
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
+        self.write_config(config)
+
+    def write_config(self, config: dict) -> None:
         _atomic_write(self.path / "config.yaml", lambda p: p.write_text(dump(config)))
 
     def write_metrics(self, records: list[dict]) -> None:

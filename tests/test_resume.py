@@ -60,3 +60,21 @@ def test_resume_refuses_a_changed_config(tmp_path):
     out = subprocess.run(command(run_dir, "--resume", str(run_dir), "--set", "optim.learning_rate=0.5"),
                          capture_output=True, text=True)
     assert out.returncode == 2 and "optim.learning_rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(tmp_path):
+    reference, extended = tmp_path / "reference", tmp_path / "extended"
+    subprocess.run(command(reference, "--set", "federated.rounds=6"), check=True, capture_output=True)
+    subprocess.run(command(extended, "--set", "federated.rounds=4"), check=True, capture_output=True)
+    assert len(metrics(extended)) == 4
+    subprocess.run(command(extended, "--resume", str(extended), "--set", "federated.rounds=6"),
+                   check=True, capture_output=True)
+    assert metrics(extended) == metrics(reference)
+    summary = json.loads((extended / "summary.json").read_text())
+    assert summary["test"] == json.loads((reference / "summary.json").read_text())["test"]
+    assert summary["wall_seconds"] >= sum(json.loads(line)["seconds"]
+                                          for line in (extended / "metrics.jsonl").read_text().splitlines())
+
+    shrink = subprocess.run(command(extended, "--resume", str(extended), "--set", "federated.rounds=5"),
+                            capture_output=True, text=True)
+    assert shrink.returncode == 2 and "federated.rounds 6 -> 5" in shrink.stderr

@@ -6,6 +6,8 @@ Usage:
                         [--min-rating R]
     run.py prepare text --dataset-dir DIR/NAME --out FILE.npz [--batch-size N]
     run.py prepare import-pt --tensor FILE.pt --dataset-dir DIR/NAME --out FILE.npz
+    run.py prepare images --encoder {color_histogram,clip} --images DIR_OR_TAR
+                          --dataset-dir DIR/NAME --out FILE.npz [--model M] [--batch-size N]
 
 Each step is a plain function, so tests and notebooks can call it without the command line.
 MovieLens licences forbid redistribution, so the project ships converters, never data.
@@ -23,8 +25,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from recbole_ext.data.features import read_atomic_file, read_item_tokens, save_item_features
+from recbole_ext.data.images import ImageSource, make_encoder
 from recbole_ext.errors import UserError
 
 ML1M_INTER_HEADER = ["user_id:token", "item_id:token", "timestamp:float"]
@@ -305,6 +309,68 @@ def import_pt_features(
     return Written(save_item_features(out, ids, emb[has_row]), int(has_row.sum()))
 
 
+# ---------------------------------------------------------------- image features
+
+@dataclass
+class ImageFeatures:
+    """What `build_image_features` did, for the summary line."""
+
+    path: Path
+    encoder: str
+    dim: int
+    rows: int
+    without_image: int
+    skipped: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.encoder} image features ({self.dim}-d) for {self.rows:,} items, "
+            f"{self.without_image:,} items without an image (marked unavailable), "
+            f"{self.skipped:,} images skipped (not items of the dataset); wrote {self.path}"
+        )
+
+
+def build_image_features(
+    images: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    encoder: str = "color_histogram",
+    model: str | None = None,
+    batch_size: int = 64,
+    allow_download: bool = False,
+) -> ImageFeatures:
+    """Encode the image of every dataset item that has one (`images`: folder or .tar of
+    `<raw item id>.<ext>`) and write the feature file `out`.
+
+    Items without an image get no row, so the feature loader marks them unavailable. Images of
+    ids the dataset does not know are skipped (only counted): a poster collection usually covers
+    more movies than a filtered dataset keeps.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    encode, dim = make_encoder(encoder, model, allow_download)
+    known = _dataset_item_tokens(Path(dataset_dir))
+    with ImageSource(images) as source:
+        all_ids = source.ids()
+        ids = sorted(i for i in all_ids if i in known)
+        if not ids:
+            raise UserError(
+                f"None of the {len(all_ids)} images in {images} is named after an item of "
+                f"dataset {dataset_dir}; files must be named <raw item id>.<ext>."
+            )
+        emb = np.empty((len(ids), dim), dtype=np.float32)
+        with tqdm(total=len(ids), unit="image", desc=encoder) as progress:
+            for start in range(0, len(ids), batch_size):
+                batch = [source.load(i) for i in ids[start:start + batch_size]]
+                emb[start:start + len(batch)] = encode(batch)
+                progress.update(len(batch))
+    path = save_item_features(out, ids, emb)
+    return ImageFeatures(
+        path, encoder, dim, rows=len(ids), without_image=len(known) - len(ids),
+        skipped=len(all_ids) - len(ids),
+    )
+
+
 # ---------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
@@ -330,6 +396,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tensor", required=True, help="[num_items + 1, D] tensor file")
     s.add_argument("--dataset-dir", required=True, help="dataset folder the ids must belong to")
     s.add_argument("--out", required=True, help="feature file to write (.npz)")
+
+    s = sub.add_parser("images", help="encode item images (e.g. posters) into a feature file")
+    s.add_argument("--encoder", required=True, choices=["color_histogram", "clip"])
+    s.add_argument("--images", required=True, help="folder or .tar of <raw item id>.<ext> images")
+    s.add_argument("--dataset-dir", required=True, help="dataset folder the ids must belong to")
+    s.add_argument("--out", required=True, help="feature file to write (.npz)")
+    s.add_argument("--model", help="clip only: local model folder, or hub name with downloads on")
+    s.add_argument("--allow-download", action="store_true", help="clip only: may fetch --model")
+    s.add_argument("--batch-size", type=int, default=64)
     return p
 
 
@@ -359,3 +434,14 @@ def main(argv: list[str]) -> None:
         print(f"wrote {build_text_features(args.dataset_dir, args.out, args.batch_size)}")
     elif args.command == "import-pt":
         print(f"wrote {import_pt_features(args.tensor, args.dataset_dir, args.out)}")
+    elif args.command == "images":
+        result = build_image_features(
+            args.images, args.dataset_dir, args.out, args.encoder, args.model,
+            args.batch_size, args.allow_download,
+        )
+        print(result)
+        if result.dim != 512:
+            print(
+                f"note: these features are {result.dim}-d, not the default 512; set "
+                f"model.image_dim={result.dim} in the config that uses {result.path}."
+            )

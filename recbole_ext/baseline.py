@@ -1,0 +1,237 @@
+"""Stock RecBole sequential models (SASRec, GRU4Rec), trained centrally by RecBole's own `Trainer`,
+on exactly the data, leave-one-out split and evaluation of our stage runs.
+
+The data comes through `pipeline.Split` (the same filtering, split and RecBole training loader of
+every prefix as a stage of the same config), the model is RecBole's class with its own CE loss, and
+each epoch is RecBole's `Trainer._train_epoch`. Validation and the final test use our
+`TwoProtocolEvaluator`, so the uni100 negatives are the ones our stage runs of the same seed use.
+The run folder has the layout ours have, so `run.py report` reads it unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import compat
+from .errors import UserError
+from .pipeline import Split, recbole_settings
+
+# The config keys each model reads; summary.json records their values.
+MODELS = {
+    "SASRec": ("n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob", "attn_dropout_prob"),
+    "GRU4Rec": ("embedding_size", "hidden_size", "num_layers", "dropout_prob"),
+}
+
+
+def model_name(text: str) -> str:
+    """The canonical model name for `text` (case-insensitive)."""
+    for name in MODELS:
+        if text.lower() == name.lower():
+            return name
+    raise UserError(f"--model {text!r}: not a baseline model; choose one of {', '.join(MODELS)}")
+
+
+def baseline_settings(cfg: dict, model: str, epochs: int, learning_rate: float | None,
+                      batch_size: int | None) -> dict:
+    settings = recbole_settings(cfg)
+    # optim.learning_rate is tuned for our trainers (a federated client's SGD step); the stock model
+    # trains with RecBole's learner and RecBole's default rate unless one is asked for.
+    del settings["learning_rate"]
+    if learning_rate is not None:
+        settings["learning_rate"] = learning_rate
+    if batch_size is not None:
+        settings["train_batch_size"] = batch_size
+    if model == "GRU4Rec":
+        # Same width and dropout as our backbone; GRU4Rec's own defaults (64/128, 0.3) differ.
+        settings["embedding_size"] = cfg["model"]["hidden_size"]
+        settings["dropout_prob"] = cfg["model"]["hidden_dropout_prob"]
+    settings["epochs"] = epochs
+    return settings
+
+
+class _UntilDeadline:
+    """RecBole's training loader, cut short at `deadline`: `_train_epoch` ends when iteration does.
+    At least one batch always runs, so every epoch that starts has something to validate."""
+
+    def __init__(self, loader, deadline: float):
+        self.loader, self.deadline = loader, deadline
+        self.batches, self.cut = 0, False
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.batches and time.time() >= self.deadline:
+                self.cut = True
+                return
+            self.batches += 1
+            yield batch
+
+
+class Baseline:
+    """A stock model and our split, built and checked; `run()` trains, tests and writes the run folder."""
+
+    def __init__(self, cfg: dict, where: str, model: str, epochs: int, max_minutes: float | None = None,
+                 learning_rate: float | None = None, batch_size: int | None = None):
+        from recbole.utils import init_seed
+
+        from . import stages
+
+        self.model_name = model_name(model)
+        _check_budget(epochs, max_minutes, learning_rate, batch_size)
+        self.cfg, self.epochs, self.max_minutes, self.started = cfg, epochs, max_minutes, time.time()
+        model_class = compat.import_sequential(self.model_name)
+        settings = baseline_settings(cfg, self.model_name, epochs, learning_rate, batch_size)
+        self.split = Split.load(cfg, where, model_class, settings)
+        init_seed(cfg["seed"], True)
+        self.model = model_class(self.split.rb_config, self.split.train.dataset).to(self.split.rb_config["device"])
+        self.evaluator = self.split.evaluator(cfg["seed"])
+        self.groups: dict[str, int] = {}
+        for name, param in self.model.named_parameters():
+            self.groups[stages.group_of(name)] = self.groups.get(stages.group_of(name), 0) + param.numel()
+        self.fingerprint = stages.vocabulary_fingerprint(self.split.item_tokens)
+
+    def hyperparameters(self) -> dict:
+        rb = self.split.rb_config
+        return {k: rb[k] for k in ("learner", "learning_rate", "train_batch_size", "weight_decay", "loss_type",
+                                   "MAX_ITEM_LIST_LENGTH", *MODELS[self.model_name])}
+
+    def describe(self) -> str:
+        ds = self.split.dataset
+        users = int(np.count_nonzero(np.diff(ds.sequence_offsets)))
+        hp = ", ".join(f"{k} {v}" for k, v in self.hyperparameters().items())
+        return (f"baseline {self.model_name} (stock RecBole, centralized) on {self.cfg['data']['dataset']}: "
+                f"{users} users, {len(self.split.item_tokens) - 1} items, {len(self.split.train)} batches per "
+                f"epoch; {sum(self.groups.values()):,} trainable parameters\n  {hp}\n  budget: {self._limits()}")
+
+    def _limits(self) -> str:
+        minutes = f" or {self.max_minutes:g} minutes of training and validation, whichever comes first" \
+            if self.max_minutes else ""
+        return f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}{minutes}"
+
+    def run(self, show_progress: bool = True) -> dict:
+        from recbole.trainer import Trainer
+
+        from .runs import CHECKPOINT, RunFolder, machine_info
+        from .stages import read_checkpoint
+
+        cfg, ev = self.cfg, self.cfg["eval"]
+        run = RunFolder(cfg["run_dir"])
+        run.create(cfg)
+        with compat.writes_into(run.path):  # RecBole's Trainer opens log_tensorboard/ in the cwd
+            trainer = Trainer(self.split.rb_config, self.model)
+        meta = {"dataset": cfg["data"]["dataset"], "item_vocabulary": self.fingerprint,
+                "n_items": len(self.split.item_tokens), "stage": None, "model": self.model_name,
+                "hidden_size": cfg["model"]["hidden_size"]}
+        deadline = time.time() + 60 * self.max_minutes if self.max_minutes else math.inf
+        records, best_score, best_epoch, best_valid, stale, stopped = [], None, None, None, 0, None
+        for epoch in range(1, self.epochs + 1):
+            if time.time() >= deadline:
+                stopped = f"the {self.max_minutes:g}-minute limit was reached after epoch {epoch - 1}"
+                break
+            start = time.time()
+            batches = _UntilDeadline(self.split.train, deadline)
+            total = trainer._train_epoch(batches, epoch - 1, show_progress=show_progress)
+            record = {"epoch": epoch, "loss": total / batches.batches, "batches": batches.batches,
+                      "batches_per_epoch": len(self.split.train),
+                      "trainable_params": sum(self.groups.values())}
+            record["valid"] = self.evaluator.evaluate(self.model, "valid")
+            score = record["valid"][ev["protocol"]][ev["metric"]]
+            if best_score is None or score > best_score:
+                best_score, best_epoch, best_valid, stale = score, epoch, record["valid"], 0
+                run.save_checkpoint(self.model.state_dict(), {**meta, "round": epoch})
+            else:
+                stale += 1
+            record["seconds"] = round(time.time() - start, 3)
+            records.append(record)
+            run.write_metrics(records)
+            if show_progress:
+                tqdm.write(f"epoch {epoch}: loss {record['loss']:.4f}  valid {ev['protocol']} {ev['metric']} "
+                           f"{score:.4f} (best {best_score:.4f}, epoch {best_epoch})")
+            if batches.cut:
+                stopped = (f"the {self.max_minutes:g}-minute limit cut epoch {epoch} after {batches.batches} of "
+                           f"{len(self.split.train)} batches")
+                break
+            if stale >= ev["patience"]:
+                stopped = f"no {ev['protocol']} {ev['metric']} gain in {stale} validations (eval.patience)"
+                break
+        self.model.load_state_dict(read_checkpoint(str(run.path / CHECKPOINT))["state_dict"])
+        test = self.evaluator.evaluate(self.model, "test")
+        ran = f"ran {len(records)} epoch{'s' if len(records) != 1 else ''}"
+        budget = f"budget {self._limits()}; " + (f"{ran}, stopped early: {stopped}." if stopped else f"{ran}.")
+        summary = {"stage": None, "name": cfg["name"], "trainer": "centralized", "model": self.model_name,
+                   "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.groups.values()),
+                   "trainable_groups": self.groups, "best_round": best_epoch, "valid": best_valid, "test": test,
+                   "wall_seconds": round(time.time() - self.started, 1), "epochs_run": len(records),
+                   "budget": budget, "hyperparameters": self.hyperparameters(), "seed": cfg["seed"],
+                   "machine": machine_info()}
+        run.write_summary(summary)
+        return summary
+
+
+def _check_budget(epochs, max_minutes, learning_rate, batch_size) -> None:
+    if not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"--epochs {epochs!r}: must be a whole number of at least 1")
+    if max_minutes is not None and not max_minutes > 0:
+        raise UserError(f"--max-minutes {max_minutes!r}: must be positive")
+    if learning_rate is not None and not learning_rate > 0:
+        raise UserError(f"--learning-rate {learning_rate!r}: must be positive")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size!r}: must be at least 1")
+
+
+def _refuse_other_runs(run_dir: str) -> None:
+    """A baseline replaces an earlier baseline in its folder, never a stage run (whose folder a
+    stage config's explicit run_dir would point at)."""
+    import json
+    from pathlib import Path
+
+    from .runs import STATE
+
+    folder = Path(run_dir)
+    summary = folder / "summary.json"
+    theirs = (folder / STATE).is_file() or (summary.is_file() and "model" not in json.loads(summary.read_text()))
+    if theirs:
+        raise UserError(f"{folder}: holds a stage run, which a baseline would overwrite; give the baseline "
+                        f"its own folder with --set run_dir=...")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="run.py baseline",
+        description="Train a stock RecBole model (centralized) on a stage config's data, split and evaluation.")
+    parser.add_argument("--config", required=True, help="stage file whose data, seed, model sizes, eval and "
+                                                        "run_dir the baseline takes, e.g. yamls/stage1.yaml")
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--epochs", type=int, required=True, help="epoch budget")
+    parser.add_argument("--max-minutes", type=float, help="time budget for training and validation; the "
+                                                          "epoch it ends in is cut short and still validated")
+    parser.add_argument("--learning-rate", type=float, help="Adam's learning rate (default: RecBole's, 0.001)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: RecBole's, 2048)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.dataset=ml-1m (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    from .config import load_config
+    from .report import format_summary
+
+    name = model_name(args.model)
+    _check_budget(args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
+    # Naming the run first gives it runs/baseline-<model> unless the file or --set chooses a folder.
+    cfg = load_config(args.config, [f"name=baseline-{name.lower()}", *args.set])
+    _refuse_other_runs(cfg["run_dir"])
+    baseline = Baseline(cfg, args.config, name, args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
+    print(baseline.describe(), flush=True)
+    summary = baseline.run(show_progress=not args.quiet)
+    print(summary["budget"])
+    print(format_summary(summary))
+    print(f"run folder: {cfg['run_dir']}")

@@ -1,0 +1,408 @@
+"""Finished run folders -> machine-readable result records, a Markdown table over seeds, and the
+figures of docs/RESULTS.md.
+
+One record per (run, protocol, split) with `model`, `trainer`, `stage`, `variant`, `seed`,
+`protocol`, `split` and `metrics` (the summary's numbers), plus context read from the run folder
+(`run`, `dataset`, `trainable_params`, `bytes_up_per_round`, `rounds`, `wall_seconds`, `machine`,
+`finished`), null where the folder does not tell. Runs written before a summary key existed fall
+back to config.yaml and metrics.jsonl.
+
+The variant is inferred from the run's config.yaml:
+  * stage 1, and any stock baseline, is "full": the ID model is the whole model there;
+  * with `model.align` or `model.experts` on, both `data.text_features` and `data.image_features`
+    set is "full", text only "text_only", image only "image_only", neither "id_only";
+  * `model.memory.st_k + lt_k == 0` with the experts on is "no_memory", joined to the modality part
+    with "+" unless that is "full" (e.g. "text_only+no_memory").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .report import METRICS, read_summary
+from .runs import CHECKPOINT, read_metrics
+from .stages import read_checkpoint
+
+OUR_MODEL = "UR4Rec-MoE"
+PROTOCOLS = ("full", "uni100")
+SPLITS = ("valid", "test")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="run.py results",
+        description="Result records (JSON) of run folders, a Markdown table of test metrics (mean ± std over "
+                    "seeds) on stdout, and with --plots the validation curves and router-weight histograms.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--out", required=True, help="JSON file for the records, e.g. docs/results/ml-1m.json")
+    parser.add_argument("--plots", metavar="DIR", help="write valid_ndcg10.png and router_weights.png here, and "
+                                                       "the router weights' summary to <out stem>-router.json")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="a run without summary.json contributes its best validation round (finished: false)")
+    args = parser.parse_args(argv)
+
+    runs = load_runs(args.run_dirs, args.allow_unfinished)
+    recs = [r for run in runs for r in records(run)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(recs, indent=2) + "\n")
+    note(f"{len(recs)} records -> {out}")
+    print(markdown_table(recs))
+    if args.plots:
+        folder = Path(args.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_validation(runs, folder / "valid_ndcg10.png")
+        router = router_summaries(runs)
+        if router:
+            plot_router(router, folder / "router_weights.png")
+            path = out.with_name(f"{out.stem}-router.json")
+            path.write_text(json.dumps([{k: v for k, v in r.items() if k != "weights"} for r in router],
+                                       indent=2) + "\n")
+            note(f"router weights' summary -> {path}")
+        else:
+            note("router_weights.png skipped: no stage-3 run with a best.pt among the runs given")
+
+
+def note(text: str) -> None:
+    # stdout carries only the Markdown table, so it can be redirected into a file as it is
+    print(text, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- run folders
+@dataclass
+class Run:
+    path: Path
+    label: str           # the run folder's name, or a longer tail of its path where names collide
+    config: dict         # config.yaml; {} when absent (a baseline folder may not write one)
+    metrics: list[dict]  # metrics.jsonl lines
+    summary: dict | None  # None: unfinished
+    meta: dict           # an unfinished run's best.pt metadata (model, stage, dataset), else {}
+
+    def given(self, key: str):
+        """A summary key (an unfinished run's checkpoint metadata); None when absent."""
+        return (self.summary if self.summary is not None else self.meta).get(key)
+
+    @property
+    def model(self) -> str:
+        return self.given("model") or OUR_MODEL
+
+    @property
+    def stage(self) -> int | None:
+        # a baseline's summary says stage null, while its config.yaml may still carry the default 1
+        known = self.summary if self.summary is not None else self.meta
+        if "stage" in known:
+            return known["stage"]
+        return None if self.model != OUR_MODEL else self.config.get("stage")
+
+    @property
+    def seed(self):
+        return _first(self.given("seed"), self.config.get("seed"))
+
+    @property
+    def dataset(self):
+        return _first(self.given("dataset"), (self.config.get("data") or {}).get("dataset"))
+
+    @property
+    def trainer(self) -> str:
+        if self.given("trainer"):
+            return self.given("trainer")
+        if self.metrics:  # the unit trained tells: federated rounds, centralized epochs
+            return "federated" if self.rounds else "centralized"
+        return self.config.get("trainer", "federated")
+
+    @property
+    def rounds(self) -> list[dict]:
+        return [line for line in self.metrics if "round" in line]
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def load_runs(run_dirs: list[str], allow_unfinished: bool = False) -> list[Run]:
+    paths = [Path(d) for d in run_dirs]
+    runs = []
+    for path, label in zip(paths, _labels(paths)):
+        if not path.is_dir():
+            raise UserError(f"{path}: not a run folder")
+        try:
+            summary = read_summary(path)
+        except UserError as err:
+            if not allow_unfinished:
+                raise UserError(f"{err} Pass --allow-unfinished to take its best validation round "
+                                f"instead.") from None
+            summary = None
+        config_path = path / "config.yaml"
+        config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+        metrics = read_metrics(path) if (path / "metrics.jsonl").is_file() else []
+        # a baseline's config.yaml is the stage file it copied, so without a summary only its
+        # checkpoint tells it apart from our stage 1
+        meta = (read_checkpoint(str(path / CHECKPOINT))["meta"]
+                if summary is None and (path / CHECKPOINT).is_file() else {})
+        runs.append(Run(path, label, config, metrics, summary, meta))
+    return runs
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Folder names, lengthened to the path below the folders' common parent where two collide
+    (e.g. seed1/stage3 and seed2/stage3)."""
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0].parent
+    return [str(p.relative_to(root)) if p != root else p.name for p in resolved]
+
+
+# -------------------------------------------------------------------------------------------- records
+def infer_variant(config: dict, stage: int | None, baseline: bool = False) -> str:
+    """The rule in the module docstring."""
+    model = config.get("model") or {}
+    if baseline or stage in (None, 1) or not (model.get("align") or model.get("experts")):
+        return "full"
+    data = config.get("data") or {}
+    text, image = bool(data.get("text_features")), bool(data.get("image_features"))
+    modality = {(True, True): "full", (True, False): "text_only", (False, True): "image_only",
+                (False, False): "id_only"}[(text, image)]
+    memory = model.get("memory") or {}
+    no_memory = bool(model.get("experts")) and memory.get("st_k", 1) + memory.get("lt_k", 1) == 0
+    if not no_memory:
+        return modality
+    return "no_memory" if modality == "full" else f"{modality}+no_memory"
+
+
+def records(run: Run) -> list[dict]:
+    """The run's records: valid and test per protocol from summary.json, or for an unfinished run its
+    best validation round from metrics.jsonl (none before its first validation)."""
+    baseline = run.model != OUR_MODEL
+    if not baseline and run.stage not in (None, 1) and not run.config:
+        raise UserError(f"{run.path / 'config.yaml'}: missing, so the variant of this stage-{run.stage} run "
+                        f"cannot be told")
+    federated = run.trainer == "federated"
+    rounds = run.rounds
+    context = {
+        "model": run.model, "trainer": run.trainer, "stage": run.stage,
+        "variant": infer_variant(run.config, run.stage, baseline), "seed": run.seed,
+    }
+    extra = {
+        "run": run.label, "dataset": run.dataset,
+        "trainable_params": _first(run.given("trainable_params"), next(
+            (line["trainable_params"] for line in run.metrics if "trainable_params" in line), None)),
+        "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)
+                               if federated and rounds and all("bytes_up" in r for r in rounds) else None),
+        "rounds": _first(run.given("rounds_run"), len(rounds) or None) if federated else None,
+        "wall_seconds": run.given("wall_seconds"),
+        "machine": run.given("machine"),
+        "finished": run.summary is not None,
+    }
+    if run.summary is not None:
+        missing = [f"{s}.{p}" for p in PROTOCOLS for s in SPLITS if p not in (run.summary.get(s) or {})]
+        if missing:
+            raise UserError(f"{run.path / 'summary.json'}: no {', '.join(missing)} metrics")
+        return [{**context, "protocol": p, "split": s, "metrics": run.summary[s][p], **extra}
+                for p in PROTOCOLS for s in SPLITS]
+    best = best_validation(run)
+    if best is None:
+        note(f"{run.path}: unfinished and never validated; no records")
+        return []
+    return [{**context, "protocol": p, "split": "valid", "metrics": best["valid"][p], **extra} for p in PROTOCOLS]
+
+
+def best_validation(run: Run) -> dict | None:
+    """The metrics line the run's early stopping would keep: the first best on its eval metric."""
+    ev = run.config.get("eval") or {}
+    protocol, metric = ev.get("protocol", "full"), ev.get("metric", "ndcg@10")
+    best = None
+    for line in run.metrics:
+        if "valid" in line and (best is None or line["valid"][protocol][metric] > best["valid"][protocol][metric]):
+            best = line
+    return best
+
+
+# -------------------------------------------------------------------------------------- the table
+def aggregate(recs: list[dict], split: str = "test") -> list[dict]:
+    """Rows of mean and sample std (n - 1) over the runs of each model/trainer/stage/variant (and
+    dataset), per protocol and metric, in the order the groups first appear."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        if r["split"] == split:
+            groups.setdefault((r["dataset"], r["model"], r["trainer"], r["stage"], r["variant"]), []).append(r)
+    rows = []
+    for (dataset, model, trainer, stage, variant), members in groups.items():
+        seeds = {}
+        for r in members:
+            seeds.setdefault(r["run"], r["seed"])
+        if len(set(seeds.values())) < len(seeds):
+            note(f"{model} {trainer} stage {stage} {variant}: runs {', '.join(seeds)} repeat a seed; "
+                 f"each counts as one")
+        cells = {}
+        for protocol in PROTOCOLS:
+            for metric in METRICS:
+                values = [r["metrics"][metric] for r in members if r["protocol"] == protocol]
+                cells[(protocol, metric)] = _mean_std(values)
+        rows.append({"dataset": dataset, "model": model, "trainer": trainer, "stage": stage, "variant": variant,
+                     "n": len(seeds), "cells": cells})
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None] | None:
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def markdown_table(recs: list[dict]) -> str:
+    rows = aggregate(recs)
+    several = len({r["dataset"] for r in rows}) > 1
+    head = (["dataset"] if several else []) + ["model", "trainer", "stage", "variant"]
+    head += [f"{p} {METRICS[m]}" for p in PROTOCOLS for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = ([str(row["dataset"])] if several else []) + [
+            row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]), row["variant"]]
+        cells += [_cell(row["cells"][(p, m)], row["n"]) for p in PROTOCOLS for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value, n: int) -> str:
+    if value is None:
+        return "–"
+    mean, std = value
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f} ({n} seeds)"
+
+
+# -------------------------------------------------------------------------------------------- plots
+def round_offsets(runs: list[Run]) -> dict[Path, int]:
+    """Where each federated run's rounds start on a common axis: a run continues after the last round
+    of the given run whose checkpoint its config loads (stage 2 after stage 1, stage 3 after stage 2),
+    so a chain reads as one curve; a run loading none of the given runs starts at 0."""
+    federated = {run.path.resolve(): run for run in runs if run.trainer == "federated"}
+    offsets: dict[Path, int] = {}
+
+    def offset(path: Path, seen: tuple = ()) -> int:
+        if path not in offsets:
+            starts = [0]
+            for entry in federated[path].config.get("load") or []:
+                if not isinstance(entry, dict) or not isinstance(entry.get("checkpoint"), str):
+                    continue  # not our load list (a baseline's config)
+                parent = Path(entry["checkpoint"]).resolve().parent
+                if parent in federated and parent not in seen and parent != path:
+                    last = max((line["round"] for line in federated[parent].rounds), default=0)
+                    starts.append(offset(parent, seen + (path,)) + last)
+            offsets[path] = max(starts)
+        return offsets[path]
+
+    return {run.path: offset(run.path.resolve()) for run in runs if run.trainer == "federated"}
+
+
+def plot_validation(runs: list[Run], path: Path) -> None:
+    """Validation NDCG@10 per round of every federated run: full protocol solid, uni100 dashed."""
+    federated = [run for run in runs if run.trainer == "federated" and any("valid" in r for r in run.rounds)]
+    if not federated:
+        note(f"{path.name} skipped: no federated run with validation rounds among the runs given")
+        return
+    plt = _pyplot()
+    offsets = round_offsets(federated)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, run in enumerate(federated):
+        validated = [r for r in run.rounds if "valid" in r]
+        x = [offsets[run.path] + r["round"] for r in validated]
+        color = f"C{i % 10}"
+        ax.plot(x, [r["valid"]["full"]["ndcg@10"] for r in validated], color=color, marker=".", label=run.label)
+        ax.plot(x, [r["valid"]["uni100"]["ndcg@10"] for r in validated], color=color, marker=".", linestyle="--")
+    chained = any(offsets.values())
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("round, cumulative over the stages of a chain" if chained else "round")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title("validation NDCG@10: full ranking (solid), 100 sampled negatives (dashed)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    note(f"-> {path}")
+
+
+def router_summaries(runs: list[Run]) -> list[dict]:
+    """Per stage-3 run: the router's visual weight r_v of every item with a modality, and its summary."""
+    out = []
+    for run in runs:
+        if run.stage != 3 or run.model != OUR_MODEL:
+            continue
+        if not (run.path / CHECKPOINT).is_file():
+            note(f"{run.path}: no {CHECKPOINT}, left out of the router weights")
+            continue
+        weights = router_visual_weights(run.path)
+        if weights.size == 0:
+            note(f"{run.path}: no item has image or text features, left out of the router weights")
+            continue
+        import numpy as np
+
+        q25, median, q75 = (float(q) for q in np.quantile(weights, [0.25, 0.5, 0.75]))
+        out.append({"run": run.label, "variant": infer_variant(run.config, 3), "seed": run.seed,
+                    "items": int(weights.size), "mean": float(weights.mean()), "q25": q25, "median": median,
+                    "q75": q75, "fraction_visual_above_half": float((weights > 0.5).mean()), "weights": weights})
+    return out
+
+
+def router_visual_weights(run_dir: Path):
+    """r_v of every item with at least one modality, from the run's best checkpoint: the model is
+    rebuilt from its config.yaml (features and memory included) and takes every group from best.pt."""
+    import torch
+
+    from . import stages
+    from .config import load_config
+    from .pipeline import Stage
+
+    config_path = run_dir / "config.yaml"
+    # best.pt holds every parameter, so the checkpoints the run started from are not needed (or read)
+    stage = Stage(load_config(config_path, ["load=[]", f"run_dir={run_dir}"]), str(config_path))
+    groups = list(dict.fromkeys(stages.group_of(n) for n, _ in stage.model.named_parameters()))
+    stages.load_groups(stage.model, [{"checkpoint": str(run_dir / CHECKPOINT), "groups": groups}],
+                       stage.fingerprint)
+    stage.model.eval()
+    with torch.no_grad():
+        table = stage.model.route_table()
+    return table[stage.model.available.any(dim=1), 0].cpu().numpy()
+
+
+def plot_router(router: list[dict], path: Path) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    bins = np.linspace(0.0, 1.0, 21)
+    for i, r in enumerate(router):
+        # weighted to fractions, so catalogues of different sizes share the y axis
+        ax.hist(r["weights"], bins=bins, weights=np.full(r["items"], 1.0 / r["items"]), histtype="step",
+                linewidth=1.5, color=f"C{i % 10}",
+                label=f"{r['run']} (mean {r['mean']:.2f}, {r['fraction_visual_above_half']:.0%} > 0.5)")
+    ax.set_xlabel("router visual weight r_v (r_t = 1 - r_v)")
+    ax.set_ylabel("fraction of items")
+    ax.set_title("router weights over items with a modality, end of stage 3")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    note(f"-> {path}")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,116 @@
+"""`run.py baseline`: stock RecBole models, trained by RecBole, on our split and our two protocols."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+from recbole_ext import compat
+from recbole_ext.baseline import Baseline
+from recbole_ext.pipeline import Stage
+from recbole_ext.report import table
+from recbole_ext.runs import read_metrics
+from recbole_ext.stages import read_checkpoint
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = {"SASRec": 2, "GRU4Rec": 1}
+SUMMARY_KEYS = {"stage", "name", "trainer", "dataset", "trainable_params", "trainable_groups", "best_round",
+                "valid", "test", "wall_seconds", "model", "epochs_run", "budget"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("baseline")
+    done = {}
+    for model, epochs in EPOCHS.items():
+        baseline = Baseline(tiny_config("stage1.yaml", folder / model), "t", model, epochs)
+        done[model] = (baseline, baseline.run(show_progress=False))
+    return done
+
+
+def all_metrics(result: dict) -> list[float]:
+    return [v for protocol in ("full", "uni100") for v in result[protocol].values()]
+
+
+@pytest.mark.parametrize("model", EPOCHS)
+def test_run_folder_has_the_layout_of_our_runs(runs, model):
+    baseline, summary = runs[model]
+    run_dir = baseline.cfg["run_dir"]
+    assert SUMMARY_KEYS <= set(summary)
+    assert json.loads(Path(run_dir, "summary.json").read_text()) == summary
+    assert summary["stage"] is None and summary["trainer"] == "centralized" and summary["model"] == model
+    assert summary["epochs_run"] == EPOCHS[model] and f"ran {EPOCHS[model]} epoch" in summary["budget"]
+    assert summary["trainable_params"] == sum(summary["trainable_groups"].values()) == \
+        sum(p.numel() for p in baseline.model.parameters())
+    lines = read_metrics(run_dir)
+    assert [line["epoch"] for line in lines] == list(range(1, EPOCHS[model] + 1))
+    for line in lines:
+        assert math.isfinite(line["loss"]) and line["seconds"] > 0
+        assert line["batches"] == line["batches_per_epoch"]
+        assert all(0.0 <= v <= 1.0 for v in all_metrics(line["valid"]))
+    assert summary["best_round"] in [line["epoch"] for line in lines]
+    assert summary["valid"] == lines[summary["best_round"] - 1]["valid"]
+    for split in ("valid", "test"):
+        assert {"hit@10", "ndcg@10", "mrr@10", "hit@5", "ndcg@20"} <= set(summary[split]["full"])
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in all_metrics(summary[split]))
+    assert read_checkpoint(f"{run_dir}/best.pt")["meta"]["round"] == summary["best_round"]
+    assert summary["name"] in table([run_dir])
+
+
+@pytest.mark.parametrize("model", EPOCHS)
+def test_best_checkpoint_in_a_fresh_stock_model_reproduces_the_reported_metrics(runs, model):
+    baseline, summary = runs[model]
+    fresh = compat.import_sequential(model)(baseline.split.rb_config, baseline.split.train.dataset)
+    fresh.load_state_dict(read_checkpoint(f"{baseline.cfg['run_dir']}/best.pt")["state_dict"])
+    assert baseline.evaluator.evaluate(fresh, "valid") == summary["valid"]
+    assert baseline.evaluator.evaluate(fresh, "test") == summary["test"]
+
+
+def test_evaluation_data_and_negatives_are_those_of_a_stage_run(runs, tmp_path):
+    baseline, _ = runs["GRU4Rec"]
+    stage = Stage(tiny_config("stage1.yaml", tmp_path / "stage"), "t")
+    assert torch.equal(baseline.evaluator.negatives, stage.evaluator.negatives)
+    for split in ("valid", "test"):
+        ours, theirs = ([(b[0]["user_id"], b[0]["item_id"], b[0]["item_id_list"]) for b in ev.loaders[split]]
+                        for ev in (baseline.evaluator, stage.evaluator))
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_time_budget_cuts_the_epoch_and_still_validates_and_tests(tmp_path):
+    baseline = Baseline(tiny_config("stage1.yaml", tmp_path / "run"), "t", "GRU4Rec", 3, max_minutes=1e-6,
+                        batch_size=256)
+    summary = baseline.run(show_progress=False)
+    [line] = read_metrics(tmp_path / "run")
+    assert line["batches"] == 1 < line["batches_per_epoch"]
+    assert summary["epochs_run"] == 1 and summary["best_round"] == 1
+    assert "stopped early" in summary["budget"] and "cut epoch 1 after 1 of" in summary["budget"]
+    assert summary["hyperparameters"]["train_batch_size"] == 256
+
+
+def run_main(*argv) -> int:
+    import run
+    return run.main(list(argv))
+
+
+def test_unknown_model_names_the_allowed_ones(capsys, tmp_path):
+    code = run_main("baseline", "--config", str(ROOT / "yamls" / "stage1.yaml"), "--model", "BERT4Rec",
+                    "--epochs", "1", "--set", f"run_dir={tmp_path / 'run'}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "BERT4Rec" in err and "SASRec, GRU4Rec" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_run_folder_is_not_overwritten(capsys, tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"stage": 1, "name": "stage1"}))
+    code = run_main("baseline", "--config", str(ROOT / "yamls" / "stage1.yaml"), "--model", "SASRec",
+                    "--epochs", "1", "--set", f"run_dir={tmp_path}")
+    assert code == 2 and "holds a stage run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "summary.json").read_text())["name"] == "stage1"
