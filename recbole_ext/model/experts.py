@@ -46,8 +46,15 @@ class AlignGating(nn.Module):
 class MemoryAttention(nn.Module):
     """Multi-head attention from each candidate's query over the user's memory slots.
 
-    Written out rather than `nn.MultiheadAttention` because a user with an empty memory must give a
-    zero output, not NaN.
+    Written out rather than `nn.MultiheadAttention` because a user with an empty memory must give
+    `out.bias` (attention weights all 0), not NaN; and because both linear maps around the attention
+    are moved off the (position, candidate) pairs, of which there are ~100 per position:
+    * the query projection depends on the candidate alone, so the caller applies `query` once per
+      item (see `Expert.item_queries`) and passes the projected queries in;
+    * the output projection commutes with the weighted sum over slots,
+      W_out concat_h(sum_k a_hk v_hk) = sum_h sum_k a_hk (W_out[:, head h] v_hk), so it is applied to
+      the K values once per position and each pair mixes projected values: heads * K * H
+      multiply-adds per pair instead of H^2 (K = 8 slots, H = 128).
     """
 
     def __init__(self, hidden: int, heads: int):
@@ -60,29 +67,41 @@ class MemoryAttention(nn.Module):
         self.value = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, queries, memory, mask):
-        """queries [*, N, H] (leading 1 or P); memory [P, K, H]; mask [P, K] -> [P, N, H]."""
+    def forward(self, queries, memory, mask, then: nn.Linear | None = None):
+        """queries [*, N, H] (leading 1 or P), already through `query`; memory [P, K, H]; mask [P, K]
+        -> [P, N, H], or then(output) when a linear layer `then` follows (folded in the same way)."""
         P, K, H = memory.shape
-        d = H // self.heads
-        q = self.query(queries).unflatten(-1, (self.heads, d)).transpose(-3, -2)  # [*, h, N, d]
-        k = self.key(memory).view(P, K, self.heads, d).transpose(1, 2)  # [P, h, K, d]
-        v = self.value(memory).view(P, K, self.heads, d).transpose(1, 2)
-        logits = q @ k.transpose(-1, -2) / d ** 0.5  # [P, h, N, K]
-        attn = masked_softmax(logits, mask[:, None, None, :])
-        out = (attn @ v).transpose(1, 2).flatten(-2)  # [P, N, H]
-        return self.out(out)
+        heads, d = self.heads, H // self.heads
+        q = queries.unflatten(-1, (heads, d)).transpose(-3, -2)  # [*, h, N, d]
+        k = self.key(memory).view(P, K, heads, d).transpose(1, 2)  # [P, h, K, d]
+        attn = masked_softmax(q @ k.transpose(-1, -2) / d ** 0.5, mask[:, None, None, :])  # [P, h, N, K]
+        weight, bias = self.out.weight, self.out.bias
+        if then is not None:
+            weight, bias = then.weight @ weight, F.linear(bias, then.weight, then.bias)
+        v = self.value(memory).view(P, K, heads, d)
+        projected = torch.einsum("pkhd,ohd->phko", v, weight.view(-1, heads, d)).flatten(1, 2)  # [P, h*K, H]
+        return attn.transpose(1, 2).flatten(-2) @ projected + bias  # [P, N, h*K] @ [P, h*K, H]
 
 
 class Expert(nn.Module):
-    """Attention over the memory followed by a two-layer MLP."""
+    """Attention over the memory followed by a two-layer MLP.
+
+    The MLP's first layer is linear and directly follows the attention's (linear) output
+    projection, so it is folded into that projection: another H^2 per pair moved to per position.
+    """
 
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.attention = MemoryAttention(hidden, heads)
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
+    def item_queries(self, features):
+        """Candidate features [..., H] -> their attention queries: one per item, whatever the position."""
+        return self.attention.query(features)
+
     def forward(self, queries, memory, mask):
-        return self.mlp(self.attention(queries, memory, mask))
+        """queries [*, N, H]: `item_queries` of the candidates; memory [P, K, H]; mask [P, K] -> [P, N, H]."""
+        return self.mlp[1:](self.attention(queries, memory, mask, then=self.mlp[0]))
 
 
 class Router(nn.Module):
@@ -97,7 +116,11 @@ class Router(nn.Module):
 
 
 class Fusion(nn.Module):
-    """F_i = MLP([LN s; r_v LN vis_i; r_t LN sem_i])."""
+    """F_i = MLP([LN s; r_v LN vis_i; r_t LN sem_i]).
+
+    The first layer is applied as three column blocks: the state's block once per position, only
+    the experts' blocks per (position, candidate) pair (2 H^2 multiply-adds per pair instead of 3 H^2).
+    """
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -108,6 +131,9 @@ class Fusion(nn.Module):
 
     def forward(self, state, visual, semantic, route):
         """state [P, H]; visual, semantic [P, N, H]; route [*, N, 2] -> [P, N, H]."""
-        s = self.norm_state(state).unsqueeze(1).expand_as(visual)
-        parts = [s, route[..., :1] * self.norm_visual(visual), route[..., 1:] * self.norm_semantic(semantic)]
-        return self.mlp(torch.cat(parts, dim=-1))
+        first = self.mlp[0]
+        w_s, w_v, w_t = first.weight.chunk(3, dim=1)
+        per_state = F.linear(self.norm_state(state), w_s, first.bias).unsqueeze(1)  # [P, 1, H]
+        hidden = (per_state + route[..., :1] * F.linear(self.norm_visual(visual), w_v)
+                  + route[..., 1:] * F.linear(self.norm_semantic(semantic), w_t))
+        return self.mlp[1:](hidden)

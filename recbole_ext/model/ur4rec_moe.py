@@ -26,6 +26,14 @@ MEM_ROW = "mem_row"  # interaction field: the row of the memory table for this t
 BACKBONE_GROUPS = ("item_embedding", "position_embedding", "LayerNorm", "trm_encoder")
 
 
+def per_item(fn, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """fn(table)[candidates] for a row-wise fn, applied to whichever is smaller: the whole table
+    (many positions times their candidates) or the gathered candidates (a few, e.g. `predict`)."""
+    if candidates.numel() < table.shape[0]:
+        return fn(table[candidates])
+    return fn(table)[candidates]
+
+
 @dataclass
 class SideInfo:
     """Frozen per-item features and the per-user memory table, aligned to internal item ids."""
@@ -137,12 +145,13 @@ class UR4RecMoE(SASRec):
             scores = scores + self.beta * (gate * dots).sum(-1)  # <a_v P_v x_i + a_t P_t x_i, e_i>
             aux["align_weights"] = gate
         if self.use_experts:
-            proj_v, emb = all_v[candidates], table[candidates]
-            slots = memory > 0
-            mem_available = self.available[memory] & slots.unsqueeze(-1)
-            mem_v, mem_t = all_v[memory], all_t[memory]
-            visual = self.visual_expert(proj_v, mem_v, mem_available[..., 0])
-            semantic = self.semantic_expert(emb, mem_t, mem_available[..., 1])
+            emb = table[candidates]
+            mem_available = self.available[memory] & (memory > 0).unsqueeze(-1)
+            # The experts' queries are the candidate's P_v x^v_i and e_i, so their projections are per item.
+            visual = self.visual_expert(per_item(self.visual_expert.item_queries, all_v, candidates),
+                                        all_v[memory], mem_available[..., 0])
+            semantic = self.semantic_expert(per_item(self.semantic_expert.item_queries, table, candidates),
+                                            all_t[memory], mem_available[..., 1])
             route = self.route_table((all_v, all_t))[candidates]
             fused = self.fusion(state, visual, semantic, route)
             scores = scores + self.gamma * (fused * emb).sum(-1)
