@@ -166,9 +166,9 @@ def with_values(config: dict, values: dict, where: str) -> dict:
     return config
 
 
-# A resumed run may be given a larger budget (a long run extended session by session); any other
-# change would make its rounds a mix of two experiments.
-BUDGET_KEYS = ("federated.rounds", "centralized.epochs")
+# A resumed run may be given a larger budget (a long run extended session by session, or an early
+# stop that came too soon); any other change would make its rounds a mix of two experiments.
+BUDGET_KEYS = ("federated.rounds", "centralized.epochs", "eval.patience")
 
 
 def check_resumable(config: dict) -> None:

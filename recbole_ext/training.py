@@ -120,7 +120,7 @@ class RoundTrainer(Trainer):
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         for key in ("completed", "finished", "best_score", "stale", "best_round", "best_valid", "records"):
             setattr(self, key, plain[key])
-        # A run that ended on its budget goes on when resumed with a larger one; an early stop stays.
+        # A run that ended on its budget or its patience goes on when resumed with a larger one.
         if self.finished and self.completed < self.units() and self.stale < self.settings["eval"]["patience"]:
             self.finished = False
         self.load_extra_state(state["extra"])

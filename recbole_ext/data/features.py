@@ -135,6 +135,9 @@ def save_item_features(path: str | os.PathLike, ids: Sequence, emb: np.ndarray) 
         raise ValueError(f"need one id per row of a 2-D emb, got {len(ids)} ids and {emb.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a data folder may be shared
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, ids=ids, emb=emb)
