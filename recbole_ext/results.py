@@ -56,6 +56,8 @@ def main(argv: list[str]) -> None:
     out.write_text(json.dumps(recs, indent=2) + "\n")
     note(f"{len(recs)} records -> {out}")
     print(markdown_table(recs))
+    print()
+    print(compute_table(recs))
     if args.plots:
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,21 @@ def markdown_table(recs: list[dict]) -> str:
         cells = ([str(row["dataset"])] if several else []) + [
             row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]), row["variant"]]
         cells += [_cell(row["cells"][(p, m)], row["n"]) for p in PROTOCOLS for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compute_table(recs: list[dict]) -> str:
+    """One row per run: what it cost (parameters trained, bytes each round sent up, rounds, time, machine)."""
+    lines = ["| run | trainable params | MB up per round | rounds | wall s | machine |", "|---|---|---|---|---|---|"]
+    for rec in {r["run"]: r for r in recs}.values():
+        machine = rec["machine"] or {}
+        where = (f"{machine.get('cores')} cores ({machine.get('cpu')}), {machine.get('threads')} threads"
+                 if machine else "–")
+        mb = "–" if rec["bytes_up_per_round"] is None else f"{rec['bytes_up_per_round'] / 1e6:.1f}"
+        cells = [rec["run"], "–" if rec["trainable_params"] is None else f"{rec['trainable_params']:,}", mb,
+                 "–" if rec["rounds"] is None else str(rec["rounds"]),
+                 "–" if rec["wall_seconds"] is None else f"{rec['wall_seconds']:.0f}", where]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,8 +12,8 @@ from conftest import tiny_config
 from recbole_ext.config import dump, load_config
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
-from recbole_ext.results import (PROTOCOLS, SPLITS, aggregate, best_validation, infer_variant, load_runs,
-                                 markdown_table, records, round_offsets)
+from recbole_ext.results import (PROTOCOLS, SPLITS, aggregate, best_validation, compute_table, infer_variant,
+                                 load_runs, markdown_table, records, round_offsets)
 
 BACKBONE = "[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 ALIGN = "[visual_proj, text_proj, align_gating]"
@@ -122,6 +122,11 @@ def test_one_record_per_run_protocol_and_split(runs):
             assert r["rounds"] == len(lines) and r["wall_seconds"] == s["wall_seconds"]
             assert r["dataset"] == "ml-100k" and r["variant"] == "full"
     assert {r["seed"] for r in recs if r["run"] == "s1_seed2"} == {2}
+    rows = compute_table(recs).splitlines()[2:]
+    assert len(rows) == len(folders)
+    for folder, row in zip(folders, rows):
+        mb = statistics.mean(line["bytes_up"] for line in metrics_lines(folder)) / 1e6
+        assert row.startswith(f"| {folder.name} | {summary(folder)['trainable_params']:,} | {mb:.1f} |")
 
 
 @pytest.mark.slow
