@@ -195,7 +195,7 @@ def records(run: Run) -> list[dict]:
         "variant": infer_variant(run.config, run.stage, baseline), "seed": run.seed,
     }
     extra = {
-        "run": run.label, "dataset": run.dataset,
+        "run": run.label, "name": _first(run.given("name"), run.config.get("name")), "dataset": run.dataset,
         "trainable_params": _first(run.given("trainable_params"), next(
             (line["trainable_params"] for line in run.metrics if "trainable_params" in line), None)),
         "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)
@@ -231,14 +231,17 @@ def best_validation(run: Run) -> dict | None:
 
 # -------------------------------------------------------------------------------------- the table
 def aggregate(recs: list[dict], split: str = "test") -> list[dict]:
-    """Rows of mean and sample std (n - 1) over the runs of each model/trainer/stage/variant (and
-    dataset), per protocol and metric, in the order the groups first appear."""
+    """Rows of mean and sample std (n - 1) over the runs of each config name/model/trainer/stage/variant
+    (and dataset), per protocol and metric, in the order the groups first appear. The config's `name`
+    keeps apart runs of one stage with other settings (e.g. another learning rate); the seeds of one
+    setting share it."""
     groups: dict[tuple, list[dict]] = {}
     for r in recs:
         if r["split"] == split:
-            groups.setdefault((r["dataset"], r["model"], r["trainer"], r["stage"], r["variant"]), []).append(r)
+            key = (r["dataset"], r.get("name"), r["model"], r["trainer"], r["stage"], r["variant"])
+            groups.setdefault(key, []).append(r)
     rows = []
-    for (dataset, model, trainer, stage, variant), members in groups.items():
+    for (dataset, name, model, trainer, stage, variant), members in groups.items():
         seeds = {}
         for r in members:
             seeds.setdefault(r["run"], r["seed"])
@@ -250,8 +253,8 @@ def aggregate(recs: list[dict], split: str = "test") -> list[dict]:
             for metric in METRICS:
                 values = [r["metrics"][metric] for r in members if r["protocol"] == protocol]
                 cells[(protocol, metric)] = _mean_std(values)
-        rows.append({"dataset": dataset, "model": model, "trainer": trainer, "stage": stage, "variant": variant,
-                     "n": len(seeds), "cells": cells})
+        rows.append({"dataset": dataset, "name": name, "model": model, "trainer": trainer, "stage": stage,
+                     "variant": variant, "n": len(seeds), "cells": cells})
     return rows
 
 
@@ -267,12 +270,12 @@ def _mean_std(values: list[float]) -> tuple[float, float | None] | None:
 def markdown_table(recs: list[dict]) -> str:
     rows = aggregate(recs)
     several = len({r["dataset"] for r in rows}) > 1
-    head = (["dataset"] if several else []) + ["model", "trainer", "stage", "variant"]
+    head = (["dataset"] if several else []) + ["config", "model", "trainer", "stage", "variant"]
     head += [f"{p} {METRICS[m]}" for p in PROTOCOLS for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = ([str(row["dataset"])] if several else []) + [
-            row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]), row["variant"]]
+            row["name"] or "–", row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]), row["variant"]]
         cells += [_cell(row["cells"][(p, m)], row["n"]) for p in PROTOCOLS for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -89,13 +89,15 @@ def test_mean_and_sample_std_over_seeds():
     recs = [record(f"r{s}", s, v, p) for s, v in ((1, 0.1), (2, 0.3), (3, 0.2)) for p in PROTOCOLS]
     recs += [record("c1", 1, 0.05, p, trainer="centralized") for p in PROTOCOLS]
     recs += [record("r1", 1, 0.9, p, split="valid") for p in PROTOCOLS]  # the table is the test split's
+    recs += [record("lr", 1, 0.7, p, name="another-lr") for p in PROTOCOLS]  # other settings: its own row
     rows = aggregate(recs)
-    assert [(r["trainer"], r["n"]) for r in rows] == [("federated", 3), ("centralized", 1)]
+    assert [(r["trainer"], r["name"], r["n"]) for r in rows] == [
+        ("federated", None, 3), ("centralized", None, 1), ("federated", "another-lr", 1)]
     mean, std = rows[0]["cells"][("full", "hit@10")]
     assert mean == pytest.approx(0.2) and std == pytest.approx(0.1)
     assert rows[1]["cells"][("uni100", "ndcg@10")] == (pytest.approx(0.025), None)
     table = markdown_table(recs).splitlines()
-    assert table[0].startswith("| model | trainer | stage | variant | full HR@10 | full NDCG@10 |")
+    assert table[0].startswith("| config | model | trainer | stage | variant | full HR@10 | full NDCG@10 |")
     assert "| 0.2000 ± 0.1000 (3 seeds) | 0.1000 ± 0.0500 (3 seeds) |" in table[2]
     assert "| 0.0500 | 0.0250 | 0.0125 |" in table[3]
 
@@ -148,10 +150,10 @@ def test_command_writes_records_table_and_plots(runs, tmp_path, capsys):
 
     table = capsys.readouterr().out
     uni_hr = [summary(runs[k])["test"]["uni100"]["hit@10"] for k in ("s1", "s1b")]
-    stage1_row = next(line for line in table.splitlines() if line.startswith("| UR4Rec-MoE | federated | 1 |"))
+    stage1_row = next(line for line in table.splitlines() if "| UR4Rec-MoE | federated | 1 |" in line)
     expected = f"{statistics.mean(uni_hr):.4f} ± {statistics.stdev(uni_hr):.4f} (2 seeds)"
-    assert stage1_row.split(" | ")[7] == expected  # model, trainer, stage, variant, full x3, then uni100 HR@10
-    stage3_row = next(line for line in table.splitlines() if line.startswith("| UR4Rec-MoE | federated | 3 |"))
+    assert stage1_row.split(" | ")[8] == expected  # config, model, trainer, stage, variant, full x3, uni100 HR@10
+    stage3_row = next(line for line in table.splitlines() if "| UR4Rec-MoE | federated | 3 |" in line)
     assert f"| {summary(runs['s3'])['test']['full']['ndcg@10']:.4f} |" in stage3_row and "seeds" not in stage3_row
 
     for name in ("valid_ndcg10.png", "router_weights.png"):
