@@ -31,7 +31,8 @@ def machine_info() -> dict:
             "platform": platform.platform()}
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`: an interrupted write never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -49,15 +50,15 @@ class RunFolder:
         self.write_config(config)
 
     def write_config(self, config: dict) -> None:
-        _atomic_write(self.path / "config.yaml", lambda p: p.write_text(dump(config)))
+        atomic_write(self.path / "config.yaml", lambda p: p.write_text(dump(config)))
 
     def write_metrics(self, records: list[dict]) -> None:
         """Rewrite metrics.jsonl whole, atomically: it never holds a half line."""
         text = "".join(json.dumps(r) + "\n" for r in records)
-        _atomic_write(self.path / "metrics.jsonl", lambda p: p.write_text(text))
+        atomic_write(self.path / "metrics.jsonl", lambda p: p.write_text(text))
 
     def save_state(self, state: dict) -> None:
-        _atomic_write(self.path / STATE, lambda p: torch.save(state, p))
+        atomic_write(self.path / STATE, lambda p: torch.save(state, p))
 
     def load_state(self) -> dict:
         path = self.path / STATE
@@ -71,12 +72,12 @@ class RunFolder:
                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(self.path / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(self.path / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
 
     def save_checkpoint(self, state_dict: dict, meta: dict, name: str = CHECKPOINT) -> Path:
         path = self.path / name
         payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()}, "meta": meta}
-        _atomic_write(path, lambda p: torch.save(payload, p))
+        atomic_write(path, lambda p: torch.save(payload, p))
         return path
 
 

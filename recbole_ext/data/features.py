@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,6 +19,7 @@ import pandas as pd
 import torch
 
 from recbole_ext.errors import UserError
+from recbole_ext.runs import atomic_write
 
 _SHOW = 5  # how many offending ids an error message lists
 
@@ -134,17 +134,12 @@ def save_item_features(path: str | os.PathLike, ids: Sequence, emb: np.ndarray) 
     if emb.ndim != 2 or len(ids) != len(emb):
         raise ValueError(f"need one id per row of a 2-D emb, got {len(ids)} ids and {emb.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a data folder may be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
             np.savez(f, ids=ids, emb=emb)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return path
 
 
