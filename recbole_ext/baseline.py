@@ -3,22 +3,28 @@ on exactly the data, leave-one-out split and evaluation of our stage runs.
 
 The data comes through `pipeline.Split` (the same filtering, split and RecBole training loader of
 every prefix as a stage of the same config), the model is RecBole's class with its own CE loss, and
-each epoch is RecBole's `Trainer._train_epoch`. Validation and the final test use our
-`TwoProtocolEvaluator`, so the uni100 negatives are the ones our stage runs of the same seed use.
-The run folder has the layout ours have, so `run.py report` reads it unchanged.
+each epoch is RecBole's `Trainer._train_epoch`, run as the unit of the loop our stages use
+(`training.RoundTrainer`), so a baseline resumes from its last finished epoch. Validation and the
+final test use our `TwoProtocolEvaluator`, so the uni100 negatives are the ones our stage runs of
+the same seed use. The run folder has the layout ours have, so `run.py report` reads it unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import compat
 from .errors import UserError
 from .pipeline import Split, recbole_settings
+from .runs import STATE, atomic_write
+from .training import RoundTrainer
+
+OPTIONS = "baseline.json"  # the model and options a resumed baseline must keep, and its epoch budget
 
 # The config keys each model reads; summary.json records their values.
 MODELS = {
@@ -76,8 +82,52 @@ class _UntilDeadline:
             yield batch
 
 
+class BaselineTrainer(RoundTrainer):
+    """RecBole's own epoch (`Trainer._train_epoch`: its optimizer, CE loss and loader) as the unit of
+    the loop our stages use, so a baseline validates, keeps its best checkpoint, stops early and
+    resumes exactly as they do. The time limit cuts the epoch it falls in, which is still validated."""
+
+    unit = "epoch"
+
+    def __init__(self, recbole_config, model, settings, run, meta, epochs: int, deadline: float, limits: str,
+                 loader_generator):
+        super().__init__(recbole_config, model, settings, run, meta)
+        self.epochs, self.deadline, self.limits = epochs, deadline, limits
+        self.loader_generator = loader_generator
+        self.batches = None
+
+    def units(self) -> int:
+        return self.epochs
+
+    def train_unit(self, index, train_data, show_progress):
+        self.batches = _UntilDeadline(train_data, self.deadline)
+        total = self._train_epoch(self.batches, index - 1, show_progress=show_progress)
+        return {"loss": total / self.batches.batches}, 0
+
+    def unit_record(self, stats: dict) -> dict:
+        return {"loss": stats["loss"], "batches": self.batches.batches, "batches_per_epoch": len(self.batches)}
+
+    def stop_reason(self) -> str | None:
+        last = self.records[-1]  # read from the records, so a resumed run's summary still says why
+        if last["batches"] < last["batches_per_epoch"]:
+            return (f"the {self.limits} limit cut epoch {last['epoch']} after {last['batches']} of "
+                    f"{last['batches_per_epoch']} batches")
+        if time.time() >= self.deadline and self.completed < self.epochs:
+            return f"the {self.limits} limit was reached after epoch {self.completed}"
+        return super().stop_reason()
+
+    # RecBole's loader draws each epoch's order from its own generator, which a resumed run must continue.
+    def extra_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "loader_rng": self.loader_generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader_generator.set_state(state["loader_rng"])
+
+
 class Baseline:
-    """A stock model and our split, built and checked; `run()` trains, tests and writes the run folder."""
+    """A stock model and our split, built and checked; `run()` trains (or resumes), tests and writes
+    the run folder."""
 
     def __init__(self, cfg: dict, where: str, model: str, epochs: int, max_minutes: float | None = None,
                  learning_rate: float | None = None, batch_size: int | None = None):
@@ -88,6 +138,7 @@ class Baseline:
         self.model_name = model_name(model)
         _check_budget(epochs, max_minutes, learning_rate, batch_size)
         self.cfg, self.epochs, self.max_minutes, self.started = cfg, epochs, max_minutes, time.time()
+        self.options = {"model": self.model_name, "learning_rate": learning_rate, "batch_size": batch_size}
         model_class = compat.import_sequential(self.model_name)
         settings = baseline_settings(cfg, self.model_name, epochs, learning_rate, batch_size)
         self.split = Split.load(cfg, where, model_class, settings)
@@ -113,66 +164,46 @@ class Baseline:
                 f"epoch; {sum(self.groups.values()):,} trainable parameters\n  {hp}\n  budget: {self._limits()}")
 
     def _limits(self) -> str:
-        minutes = f" or {self.max_minutes:g} minutes of training and validation, whichever comes first" \
-            if self.max_minutes else ""
+        minutes = f" or {self.max_minutes:g} minutes of training and validation in this session, whichever " \
+                  f"comes first" if self.max_minutes else ""
         return f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}{minutes}"
 
-    def run(self, show_progress: bool = True) -> dict:
-        from recbole.trainer import Trainer
+    def run(self, show_progress: bool = True, resume: bool = False) -> dict:
+        from .runs import RunFolder, machine_info
 
-        from .runs import CHECKPOINT, RunFolder, machine_info
-        from .stages import read_checkpoint
-
-        cfg, ev = self.cfg, self.cfg["eval"]
+        cfg = self.cfg
         run = RunFolder(cfg["run_dir"])
-        run.create(cfg)
-        with compat.writes_into(run.path):  # RecBole's Trainer opens log_tensorboard/ in the cwd
-            trainer = Trainer(self.split.rb_config, self.model)
+        if resume:
+            state = run.load_state()
+            _check_options(run.path, self.options, self.epochs)
+        else:
+            run.create(cfg)
+        atomic_write(run.path / OPTIONS, lambda p: p.write_text(json.dumps(
+            {**self.options, "epochs": self.epochs}, indent=2) + "\n"))
         meta = {"dataset": cfg["data"]["dataset"], "item_vocabulary": self.fingerprint,
                 "n_items": len(self.split.item_tokens), "stage": None, "model": self.model_name,
                 "hidden_size": cfg["model"]["hidden_size"]}
+        # Validation after every epoch (a stage file's eval.every counts rounds); state after each too.
+        settings = {**cfg, "eval": {**cfg["eval"], "every": 1}, "state_every": 1}
         deadline = time.time() + 60 * self.max_minutes if self.max_minutes else math.inf
-        records, best_score, best_epoch, best_valid, stale, stopped = [], None, None, None, 0, None
-        for epoch in range(1, self.epochs + 1):
-            if time.time() >= deadline:
-                stopped = f"the {self.max_minutes:g}-minute limit was reached after epoch {epoch - 1}"
-                break
-            start = time.time()
-            batches = _UntilDeadline(self.split.train, deadline)
-            total = trainer._train_epoch(batches, epoch - 1, show_progress=show_progress)
-            record = {"epoch": epoch, "loss": total / batches.batches, "batches": batches.batches,
-                      "batches_per_epoch": len(self.split.train),
-                      "trainable_params": sum(self.groups.values())}
-            record["valid"] = self.evaluator.evaluate(self.model, "valid")
-            score = record["valid"][ev["protocol"]][ev["metric"]]
-            if best_score is None or score > best_score:
-                best_score, best_epoch, best_valid, stale = score, epoch, record["valid"], 0
-                run.save_checkpoint(self.model.state_dict(), {**meta, "round": epoch})
-            else:
-                stale += 1
-            record["seconds"] = round(time.time() - start, 3)
-            records.append(record)
-            run.write_metrics(records)
-            if show_progress:
-                tqdm.write(f"epoch {epoch}: loss {record['loss']:.4f}  valid {ev['protocol']} {ev['metric']} "
-                           f"{score:.4f} (best {best_score:.4f}, epoch {best_epoch})")
-            if batches.cut:
-                stopped = (f"the {self.max_minutes:g}-minute limit cut epoch {epoch} after {batches.batches} of "
-                           f"{len(self.split.train)} batches")
-                break
-            if stale >= ev["patience"]:
-                stopped = f"no {ev['protocol']} {ev['metric']} gain in {stale} validations (eval.patience)"
-                break
-        self.model.load_state_dict(read_checkpoint(str(run.path / CHECKPOINT))["state_dict"])
-        test = self.evaluator.evaluate(self.model, "test")
-        ran = f"ran {len(records)} epoch{'s' if len(records) != 1 else ''}"
+        limits = f"{self.max_minutes:g}-minute" if self.max_minutes else ""
+        trainer = BaselineTrainer(self.split.rb_config, self.model, settings, run, meta, self.epochs, deadline,
+                                  limits, self.split.train.generator)
+        earlier_seconds = 0.0
+        if resume:
+            trainer.resume_from(state)
+            earlier_seconds = sum(record["seconds"] for record in trainer.records)
+        trainer.fit(self.split.train, self.evaluator, show_progress=show_progress)
+        test = trainer.evaluate(self.evaluator)
+        stopped = trainer.stop_reason() if trainer.records else None
+        ran = f"ran {trainer.completed} epoch{'s' if trainer.completed != 1 else ''}"
         budget = f"budget {self._limits()}; " + (f"{ran}, stopped early: {stopped}." if stopped else f"{ran}.")
         summary = {"stage": None, "name": cfg["name"], "trainer": "centralized", "model": self.model_name,
                    "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.groups.values()),
-                   "trainable_groups": self.groups, "best_round": best_epoch, "valid": best_valid, "test": test,
-                   "wall_seconds": round(time.time() - self.started, 1), "epochs_run": len(records),
-                   "budget": budget, "hyperparameters": self.hyperparameters(), "seed": cfg["seed"],
-                   "machine": machine_info()}
+                   "trainable_groups": self.groups, "best_round": trainer.best_round, "valid": trainer.best_valid,
+                   "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
+                   "epochs_run": trainer.completed, "budget": budget, "hyperparameters": self.hyperparameters(),
+                   "seed": cfg["seed"], "machine": machine_info()}
         run.write_summary(summary)
         return summary
 
@@ -188,17 +219,27 @@ def _check_budget(epochs, max_minutes, learning_rate, batch_size) -> None:
         raise UserError(f"--batch-size {batch_size!r}: must be at least 1")
 
 
+def _check_options(folder: Path, options: dict, epochs: int) -> None:
+    """A resumed baseline keeps its model and options; its epoch budget may grow, not shrink."""
+    path = folder / OPTIONS
+    if not path.is_file():
+        raise UserError(f"{folder}: not a baseline run folder to resume (no {OPTIONS})")
+    saved = json.loads(path.read_text())
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
+    if changed:
+        raise UserError(f"{path}: the baseline was started with other options: {', '.join(changed)}")
+    if epochs < saved["epochs"]:
+        raise UserError(f"{path}: a resumed baseline's budget can grow, not shrink: --epochs {saved['epochs']} "
+                        f"-> {epochs}")
+
+
 def _refuse_other_runs(run_dir: str) -> None:
     """A baseline replaces an earlier baseline in its folder, never a stage run (whose folder a
     stage config's explicit run_dir would point at)."""
-    import json
-    from pathlib import Path
-
-    from .runs import STATE
-
     folder = Path(run_dir)
     summary = folder / "summary.json"
-    theirs = (folder / STATE).is_file() or (summary.is_file() and "model" not in json.loads(summary.read_text()))
+    theirs = not (folder / OPTIONS).is_file() and (
+        (folder / STATE).is_file() or (summary.is_file() and "model" not in json.loads(summary.read_text())))
     if theirs:
         raise UserError(f"{folder}: holds a stage run, which a baseline would overwrite; give the baseline "
                         f"its own folder with --set run_dir=...")
@@ -218,20 +259,26 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, help="training batch size (default: RecBole's, 2048)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.dataset=ml-1m (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue this baseline from its last finished epoch (the same command, with "
+                             "--epochs as large or larger and any --max-minutes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from .config import load_config
+    from .config import check_resumable, load_config
     from .report import format_summary
 
     name = model_name(args.model)
     _check_budget(args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
     # Naming the run first gives it runs/baseline-<model> unless the file or --set chooses a folder.
-    cfg = load_config(args.config, [f"name=baseline-{name.lower()}", *args.set])
+    cfg = load_config(args.config, [f"name=baseline-{name.lower()}", *args.set]
+                      + ([f"run_dir={args.resume}"] if args.resume else []))
+    if args.resume:
+        check_resumable(cfg)
     _refuse_other_runs(cfg["run_dir"])
     baseline = Baseline(cfg, args.config, name, args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
     print(baseline.describe(), flush=True)
-    summary = baseline.run(show_progress=not args.quiet)
+    summary = baseline.run(show_progress=not args.quiet, resume=bool(args.resume))
     print(summary["budget"])
     print(format_summary(summary))
     print(f"run folder: {cfg['run_dir']}")

@@ -57,8 +57,8 @@ class RoundTrainer(Trainer):
         for index in bar:
             start = time.time()
             stats, bytes_up = self.train_unit(index, train_data, show_progress)
-            record = {self.unit: index, **_record_stats(stats), "gamma": float(self.model.gamma),
-                      "trainable_params": self.trainable_params, "bytes_up": bytes_up}
+            record = {self.unit: index, **self.unit_record(stats), "trainable_params": self.trainable_params,
+                      "bytes_up": bytes_up}
             if index % ev["every"] == 0 or index == self.units():
                 record["valid"] = valid_data.evaluate(self.model, "valid")
                 score = record["valid"][ev["protocol"]][ev["metric"]]
@@ -75,8 +75,9 @@ class RoundTrainer(Trainer):
             self.run.write_metrics(self.records)
             self.completed = index
             stop = bool(callback_fn is not None and callback_fn(record))
-            if self.stale >= ev["patience"]:
-                tqdm.write(f"early stop: no {ev['metric']} gain in {self.stale} validations")
+            reason = self.stop_reason()
+            if reason:
+                tqdm.write(f"early stop: {reason}")
                 stop = True
             self.finished = stop or index == self.units()
             every = self.settings["state_every"]
@@ -85,6 +86,15 @@ class RoundTrainer(Trainer):
             if stop:
                 break
         return self.best_score, self.best_valid
+
+    def unit_record(self, stats: dict) -> dict:
+        """The training fields of a unit's metrics line."""
+        return {**_record_stats(stats), "gamma": float(self.model.gamma)}
+
+    def stop_reason(self) -> str | None:
+        """Why training stops after the unit just trained (None: it goes on to its budget)."""
+        ev = self.settings["eval"]
+        return f"no {ev['metric']} gain in {self.stale} validations" if self.stale >= ev["patience"] else None
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         """eval_data: a TwoProtocolEvaluator; scores the test split once, from the best checkpoint."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import ROOT, tiny_config
 from recbole_ext import compat
 from recbole_ext.baseline import Baseline
+from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
 from recbole_ext.report import table
 from recbole_ext.runs import read_metrics
@@ -114,3 +116,27 @@ def test_a_stage_run_folder_is_not_overwritten(capsys, tmp_path):
                     "--epochs", "1", "--set", f"run_dir={tmp_path}")
     assert code == 2 and "holds a stage run" in capsys.readouterr().err
     assert json.loads((tmp_path / "summary.json").read_text())["name"] == "stage1"
+
+
+def test_a_resumed_baseline_equals_one_never_interrupted(runs, tmp_path):
+    """One epoch, then the same baseline resumed with a budget of two, gives the fixture's two-epoch
+    run: the optimizer, the RNGs and RecBole's loader order all continue."""
+    _, whole = runs["SASRec"]
+    cfg = tiny_config("stage1.yaml", tmp_path / "run")
+    Baseline(cfg, "t", "SASRec", 1).run(show_progress=False)
+    assert "ran 1 epoch." in json.loads((tmp_path / "run" / "summary.json").read_text())["budget"]
+    resumed = Baseline(cfg, "t", "SASRec", 2).run(show_progress=False, resume=True)
+    strip = lambda lines: [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+    assert strip(read_metrics(tmp_path / "run")) == strip(read_metrics(runs["SASRec"][0].cfg["run_dir"]))
+    assert (resumed["test"], resumed["best_round"], resumed["epochs_run"]) == \
+        (whole["test"], whole["best_round"], whole["epochs_run"])
+
+
+def test_resume_refuses_another_model_options_or_a_smaller_budget(runs):
+    cfg = runs["SASRec"][0].cfg
+    for model, epochs, options, message in (("GRU4Rec", 2, {}, "model 'SASRec' -> 'GRU4Rec'"),
+                                            ("SASRec", 2, {"batch_size": 64}, "batch_size None -> 64"),
+                                            ("SASRec", 1, {}, "--epochs 2 -> 1")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            Baseline(cfg, "t", model, epochs, **options).run(show_progress=False, resume=True)
+    assert json.loads(Path(cfg["run_dir"], "baseline.json").read_text())["epochs"] == 2
