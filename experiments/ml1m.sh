@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every row of docs/RESULTS.md: ML-1M data and features, federated stages 1-3 and the stage-3
 # ablations for each seed, this project's stage 1 trained centrally, stock RecBole baselines, and
-# the results file. Hours on 2 CPU cores (docs/RESULTS.md gives each row's time); every step is
-# resumable: rerun a stage's command with `--resume RUN_DIR` after an interruption.
+# the results file. Hours on 2 CPU cores (docs/RESULTS.md gives each row's time). Rerunning the script
+# skips finished runs and resumes interrupted ones (and baselines stopped by their time limit), so the
+# table can be filled session by session.
 #
 #   bash experiments/ml1m.sh [SHARED_ML1M_DIR] [SEEDS...]     # defaults: ../shared/data/ml-1m, 2020 2021 2022
 set -euo pipefail
@@ -19,13 +20,15 @@ POSTERS="${POSTERS:-$(dirname "$SHARED")/ml-1m-posters/ml1m_posters_96x144.tar}"
     --images "$POSTERS" --dataset-dir data/ml-1m --out data/ml-1m/image_color_histogram.npz
 
 BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
+BASELINE_EPOCHS=3
+resume() { [ -f "$1/state.pt" ] && echo --resume "$1"; true; }  # continue a run that saved state
 runs=()
 for seed in "${SEEDS[@]}"; do
   dir="runs/ml1m/seed$seed"
   stage() {  # stage N NAME [--set ...]: one run of yamls/ml1m/stageN.yaml for this seed
     local n="$1" name="$2"; shift 2
     [ -f "$dir/$name/summary.json" ] || "$PY" run.py --config "yamls/ml1m/stage$n.yaml" --quiet \
-        --set seed="$seed" --set run_dir="$dir/$name" "$@"
+        --set seed="$seed" --set run_dir="$dir/$name" $(resume "$dir/$name") "$@"
     runs+=("$dir/$name")
   }
   stage 1 stage1
@@ -36,12 +39,15 @@ for seed in "${SEEDS[@]}"; do
   stage 3 stage3_image_only --set "$s3_load" --set data.text_features=null
   stage 3 stage3_no_memory --set "$s3_load" --set model.memory.st_k=0 --set model.memory.lt_k=0
   [ -f "$dir/stage1_centralized/summary.json" ] || "$PY" run.py --config yamls/ml1m/stage1_centralized.yaml \
-      --quiet --set seed="$seed" --set run_dir="$dir/stage1_centralized"
+      --quiet --set seed="$seed" --set run_dir="$dir/stage1_centralized" $(resume "$dir/stage1_centralized")
   runs+=("$dir/stage1_centralized")
   for model in SASRec GRU4Rec; do  # a stated budget: a stock SASRec epoch is ~45 min on 2 cores
-    [ -f "$dir/baseline-$model/summary.json" ] || "$PY" run.py baseline --config yamls/ml1m/stage1.yaml \
-        --model "$model" --epochs 3 --max-minutes 150 --quiet --set seed="$seed" --set run_dir="$dir/baseline-$model"
-    runs+=("$dir/baseline-$model")
+    run="$dir/baseline-$model"
+    # done once it ran its epochs (or stopped on patience); a time-limited one goes on next session
+    grep -qs "ran $BASELINE_EPOCHS epochs\|eval.patience\|gain in" "$run/summary.json" || \
+      "$PY" run.py baseline --config yamls/ml1m/stage1.yaml --model "$model" --epochs "$BASELINE_EPOCHS" \
+        --max-minutes 150 --quiet --set seed="$seed" --set run_dir="$run" $(resume "$run")
+    runs+=("$run")
   done
 done
 mkdir -p docs/results
