@@ -328,27 +328,40 @@ def round_offsets(runs: list[Run]) -> dict[Path, int]:
 
 
 def plot_validation(runs: list[Run], path: Path) -> None:
-    """Validation NDCG@10 per round of every federated run: full protocol solid, uni100 dashed."""
+    """Validation NDCG@10 per round of every federated run: full protocol solid, uni100 dashed. Where
+    runs continue others (stages 2 and 3), a second panel zooms in on the full protocol from just
+    before the first continuation, where the differences between stages are a few thousandths."""
     federated = [run for run in runs if run.trainer == "federated" and any("valid" in r for r in run.rounds)]
     if not federated:
         note(f"{path.name} skipped: no federated run with validation rounds among the runs given")
         return
     plt = _pyplot()
     offsets = round_offsets(federated)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    chained = [offset for offset in offsets.values() if offset]
+    fig, axes = plt.subplots(1, 2 if chained else 1, figsize=(13 if chained else 8, 4.8), squeeze=False)
+    whole, zoom = axes[0][0], (axes[0][1] if chained else None)
+    zoom_from = min(chained) * 0.9 if chained else None
     for i, run in enumerate(federated):
         validated = [r for r in run.rounds if "valid" in r]
         x = [offsets[run.path] + r["round"] for r in validated]
+        full = [r["valid"]["full"]["ndcg@10"] for r in validated]
         color = f"C{i % 10}"
-        ax.plot(x, [r["valid"]["full"]["ndcg@10"] for r in validated], color=color, marker=".", label=run.label)
-        ax.plot(x, [r["valid"]["uni100"]["ndcg@10"] for r in validated], color=color, marker=".", linestyle="--")
-    chained = any(offsets.values())
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set_xlabel("round, cumulative over the stages of a chain" if chained else "round")
-    ax.set_ylabel("validation NDCG@10")
-    ax.set_title("validation NDCG@10: full ranking (solid), 100 sampled negatives (dashed)")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
+        whole.plot(x, full, color=color, marker=".", label=run.label)
+        whole.plot(x, [r["valid"]["uni100"]["ndcg@10"] for r in validated], color=color, marker=".",
+                   linestyle="--")
+        if zoom is not None:
+            kept = [(a, b) for a, b in zip(x, full) if a >= zoom_from]
+            if kept:
+                zoom.plot(*zip(*kept), color=color, marker=".", label=run.label)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlabel("round, cumulative over the stages of a chain" if chained else "round")
+        ax.set_ylabel("validation NDCG@10")
+        ax.grid(alpha=0.3)
+    whole.set_title("full ranking (solid), 100 sampled negatives (dashed)")
+    whole.legend(loc="best", fontsize=8)
+    if zoom is not None:
+        zoom.set_title(f"full ranking, from round {zoom_from:.0f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
