@@ -89,7 +89,7 @@ class RoundTrainer(Trainer):
 
     def unit_record(self, stats: dict) -> dict:
         """The training fields of a unit's metrics line."""
-        return {**_record_stats(stats), "gamma": float(self.model.gamma)}
+        return {**_record_stats(stats), "gamma": float(self.model.gamma.detach())}
 
     def stop_reason(self) -> str | None:
         """Why training stops after the unit just trained (None: it goes on to its budget)."""
