@@ -341,11 +341,12 @@ def plot_validation(runs: list[Run], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if chained else 1, figsize=(13 if chained else 8, 4.8), squeeze=False)
     whole, zoom = axes[0][0], (axes[0][1] if chained else None)
     zoom_from = min(chained) * 0.9 if chained else None
+    palette = plt.get_cmap("tab10" if len(federated) <= 10 else "tab20")
     for i, run in enumerate(federated):
         validated = [r for r in run.rounds if "valid" in r]
         x = [offsets[run.path] + r["round"] for r in validated]
         full = [r["valid"]["full"]["ndcg@10"] for r in validated]
-        color = f"C{i % 10}"
+        color = palette(i % palette.N)
         whole.plot(x, full, color=color, marker=".", label=run.label)
         whole.plot(x, [r["valid"]["uni100"]["ndcg@10"] for r in validated], color=color, marker=".",
                    linestyle="--")
