@@ -44,7 +44,7 @@ for seed in "${SEEDS[@]}"; do
   for model in SASRec GRU4Rec; do  # a stated budget: a stock SASRec epoch is ~45 min on 2 cores
     run="$dir/baseline-$model"
     # done once it ran its epochs (or stopped on patience); a time-limited one goes on next session
-    grep -qs "ran $BASELINE_EPOCHS epochs\|eval.patience\|gain in" "$run/summary.json" || \
+    grep -qs "ran $BASELINE_EPOCHS epochs\|gain in" "$run/summary.json" || \
       "$PY" run.py baseline --config yamls/ml1m/stage1.yaml --model "$model" --epochs "$BASELINE_EPOCHS" \
         --max-minutes 150 --quiet --set seed="$seed" --set run_dir="$run" $(resume "$run")
     runs+=("$run")
