@@ -52,7 +52,8 @@ class RoundTrainer(Trainer):
         every metrics line after it is written (Ray Tune reports through it); returning True stops
         training there, as early stopping does."""
         ev = self.settings["eval"]
-        bar = tqdm(range(self.completed + 1, self.units() + 1), desc=f"{self.unit}s", initial=self.completed,
+        last = self.completed if self.finished else self.units()  # a stopped run resumed as it was stays stopped
+        bar = tqdm(range(self.completed + 1, last + 1), desc=f"{self.unit}s", initial=self.completed,
                    total=self.units(), disable=not show_progress or self.finished)
         for index in bar:
             start = time.time()

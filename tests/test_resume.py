@@ -78,3 +78,15 @@ def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(t
     shrink = subprocess.run(command(extended, "--resume", str(extended), "--set", "federated.rounds=5"),
                             capture_output=True, text=True)
     assert shrink.returncode == 2 and "federated.rounds 6 -> 5" in shrink.stderr
+
+
+def test_a_run_stopped_by_patience_resumed_unchanged_trains_no_further(tmp_path):
+    run_dir = tmp_path / "run"
+    stopping = ["--set", "eval.every=1", "--set", "eval.patience=1"]
+    subprocess.run(command(run_dir, *stopping), check=True, capture_output=True)
+    stopped = metrics(run_dir)
+    assert len(stopped) < 30, "patience 1 should stop the smoke run before its 30 rounds"
+    summary = (run_dir / "summary.json").read_text()
+    subprocess.run(command(run_dir, "--resume", str(run_dir), *stopping), check=True, capture_output=True)
+    assert metrics(run_dir) == stopped
+    assert json.loads((run_dir / "summary.json").read_text())["test"] == json.loads(summary)["test"]
