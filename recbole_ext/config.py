@@ -82,6 +82,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "federated.local_epochs": ((int,), False, _positive),
     "federated.server_optimizer": ((str,), False, _choice("sgd", "adam")),
     "federated.server_lr": ((float,), False, _positive),
+    "federated.server_lr_groups": ((dict,), False, None),
     "federated.backend": ((str,), False, _choice("sequential", "vectorized", "ray")),
     "federated.cohort_size": ((int,), False, _positive),
     "federated.cohort_positions": ((int,), True, _positive),
@@ -340,4 +341,15 @@ def _validate(config: dict, where: str) -> None:
                 or not entry["groups"] or not all(isinstance(g, str) for g in entry["groups"])):
             raise UserError(f"{where}: load[{i}] must be {{checkpoint: path, groups: [name, ...]}}, "
                             f"got {entry!r}")
+    groups = config["federated"]["server_lr_groups"]
+    for pattern, lr in groups.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise UserError(f"{where}: federated.server_lr_groups keys must be glob patterns over parameter "
+                            f"names, e.g. {{'gamma': 0.01, 'router.*': 0.01}}; got {pattern!r}")
+        if isinstance(lr, str) and _FLOAT_TEXT.fullmatch(lr.strip()):
+            lr = float(lr)  # YAML 1.1 reads 1e-2 (no dot) as text
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise UserError(f"{where}: federated.server_lr_groups[{pattern!r}] must be a learning rate > 0, "
+                            f"got {lr!r}")
+        groups[pattern] = float(lr)
     _validate_space(config["tune"]["space"], where)

@@ -105,6 +105,9 @@ class Stage:
         self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
         self.trainable = stages.apply_trainable(self.model, cfg["trainable"], where)
         stages.check_expectations(self.trainable, cfg["expect"], where)
+        if cfg["trainer"] == "federated":  # a bad server_lr_groups pattern stops the run before it starts
+            stages.server_rates({n: p for n, p in self.model.named_parameters() if p.requires_grad},
+                                cfg["federated"], where)
         self.windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
         self.evaluator = split.evaluator(cfg["seed"])
 

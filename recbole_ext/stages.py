@@ -43,6 +43,21 @@ def apply_trainable(model, patterns: list[str], where: str) -> dict[str, int]:
     return counts
 
 
+def server_rates(trainable: dict, fed: dict, where: str) -> dict[str, float]:
+    """Each trainable parameter's server learning rate: that of the first pattern in
+    `federated.server_lr_groups` its name matches, else `server_lr`. FedAdam moves every parameter by
+    about its rate per round, whatever its gradient's scale, so a part that starts untrained beside a
+    trained backbone needs a rate of its own."""
+    patterns = fed["server_lr_groups"]
+    rates = {name: next((lr for p, lr in patterns.items() if fnmatch.fnmatchcase(name, p)), fed["server_lr"])
+             for name in trainable}
+    for pattern in patterns:
+        if not fnmatch.filter(trainable, pattern):
+            raise UserError(f"{where}: federated.server_lr_groups pattern {pattern!r} matches no trainable "
+                            f"parameter. Trainable groups are: {', '.join(sorted({group_of(n) for n in trainable}))}.")
+    return rates
+
+
 def read_checkpoint(path: str) -> dict:
     """A project checkpoint: tensors and plain metadata only, never code."""
     try:

@@ -43,6 +43,8 @@ def test_set_overrides_nested_keys_with_yaml_values():
 def test_ints_and_plain_scientific_notation_are_accepted_for_floats():
     assert load_config(ROOT / "yamls" / "stage1.yaml", ["optim.learning_rate=1"])["optim"]["learning_rate"] == 1.0
     assert load_config(ROOT / "yamls" / "stage1.yaml", ["optim.learning_rate=1e-4"])["optim"]["learning_rate"] == 1e-4
+    groups = load_config(ROOT / "yamls" / "stage3.yaml", ["federated.server_lr_groups={gamma: 1, router.*: 1e-2}"])
+    assert groups["federated"]["server_lr_groups"] == {"gamma": 1.0, "router.*": 0.01}
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -54,6 +56,9 @@ def test_ints_and_plain_scientific_notation_are_accepted_for_floats():
     (["trainer=gossip"], r"trainer = 'gossip' must be one of federated, centralized"),
     (["load=[{checkpoint: x.pt}]"], r"load\[0\] must be"),
     (["rounds"], r"expected dotted.key=value"),
+    (["federated.server_lr_groups={gamma: -1}"], r"server_lr_groups\['gamma'\] must be a learning rate > 0, got -1"),
+    (["federated.server_lr_groups={gamma: fast}"], r"server_lr_groups\['gamma'\] must be a learning rate > 0"),
+    (["federated.server_lr_groups=[gamma]"], r"federated.server_lr_groups must be dict"),
 ])
 def test_bad_overrides_name_the_key(sets, message):
     with pytest.raises(UserError, match=message):

@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_config
 from recbole_ext import compat
+from recbole_ext.errors import UserError
 from recbole_ext.federated.client import make_optimizer, train_step
 from recbole_ext.federated.trainer import FederatedTrainer
 from recbole_ext.pipeline import Stage
@@ -111,3 +112,32 @@ def test_a_round_changes_trainable_and_nothing_frozen(stage_file, tmp_path, feat
             assert not torch.equal(param, before[name]), f"{name} did not move"
         else:
             assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_server_lr_groups_give_their_parameters_their_own_server_rate(tmp_path, features):
+    """With FedAdam each parameter's step depends on its own rate alone, so one round with
+    {gamma, router.*} at 0.05 leaves those parameters where a run with server_lr 0.05 leaves them, and
+    every other one where the default rate leaves it."""
+    def one_round(sets, name):
+        stage = build("stage3.yaml", tmp_path / name, features,
+                      ["model.gating_init=0.5", "federated.server_optimizer=adam", *sets])
+        run = RunFolder(tmp_path / name / "run")
+        run.create(stage.cfg)
+        trainer = FederatedTrainer(stage.rb_config, stage.model, stage.cfg, run, {}, stage.windows)
+        trainer.train_unit(1, stage.windows, False)
+        return {n: p.detach().clone() for n, p in trainer.trainable.items()}
+
+    grouped = one_round(["federated.server_lr=0.001", "federated.server_lr_groups={gamma: 0.05, router.*: 0.05}"],
+                        "grouped")
+    slow = one_round(["federated.server_lr=0.001"], "slow")
+    fast = one_round(["federated.server_lr=0.05"], "fast")
+    for name, value in grouped.items():
+        reference = fast if name == "gamma" or name.startswith("router.") else slow
+        torch.testing.assert_close(value, reference[name], msg=name)
+    backbone = next(n for n in grouped if n.startswith("trm_encoder."))
+    assert not torch.allclose(slow[backbone], fast[backbone])  # the two rates do lead to different places
+
+
+def test_server_lr_group_that_matches_nothing_trainable_names_the_key(tmp_path, features):
+    with pytest.raises(UserError, match=r"server_lr_groups pattern 'item_embedding\.\*' matches no trainable"):
+        build("stage3.yaml", tmp_path, features, ["federated.server_lr_groups={item_embedding.*: 0.01}"])

@@ -1,5 +1,6 @@
 """Federated training: one client per user, seeded sampling, FedAvg of the trainable parameters,
-applied by a server optimizer (SGD: FedAvg; Adam: FedAdam)."""
+applied by a server optimizer (SGD: FedAvg; Adam: FedAdam), at a rate per parameter group
+(`federated.server_lr_groups`)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import json
 import numpy as np
 import torch
 
+from ..stages import server_rates
 from ..training import RoundTrainer
 from .backends import BACKENDS
 from .client import round_seed
@@ -23,7 +25,12 @@ class FederatedTrainer(RoundTrainer):
         # The server treats the clients' mean update as a negative gradient: plain SGD with lr 1 is
         # FedAvg itself; Adam is FedAdam (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
         server = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[fed["server_optimizer"]]
-        self.server_optimizer = server(list(self.trainable.values()), lr=fed["server_lr"])
+        rates = server_rates(self.trainable, fed, "the federated settings")
+        groups: dict[float, list] = {}
+        for name, param in self.trainable.items():
+            groups.setdefault(rates[name], []).append(param)
+        self.server_optimizer = server([{"params": params, "lr": lr} for lr, params in groups.items()],
+                                       lr=fed["server_lr"])
 
     def units(self) -> int:
         return self.settings["federated"]["rounds"]
