@@ -112,9 +112,15 @@ class BaselineTrainer(RoundTrainer):
         if last["batches"] < last["batches_per_epoch"]:
             return (f"the {self.limits} limit cut epoch {last['epoch']} after {last['batches']} of "
                     f"{last['batches_per_epoch']} batches")
-        if time.time() >= self.deadline and self.completed < self.epochs:
+        if self.out_of_time():
             return f"the {self.limits} limit was reached after epoch {self.completed}"
         return super().stop_reason()
+
+    def out_of_time(self) -> bool:
+        """Stopped (or about to stop) by the time limit before its epoch budget was spent."""
+        last = self.records[-1]
+        return last["batches"] < last["batches_per_epoch"] or (
+            time.time() >= self.deadline and self.completed < self.epochs)
 
     # RecBole's loader draws each epoch's order from its own generator, which a resumed run must continue.
     def extra_state(self) -> dict:
@@ -196,13 +202,15 @@ class Baseline:
         trainer.fit(self.split.train, self.evaluator, show_progress=show_progress)
         test = trainer.evaluate(self.evaluator)
         stopped = trainer.stop_reason() if trainer.records else None
+        # what a script reads to decide whether to resume: "time" goes on with the same command
+        stopped_by = None if not stopped else "time" if trainer.out_of_time() else "patience"
         ran = f"ran {trainer.completed} epoch{'s' if trainer.completed != 1 else ''}"
         budget = f"budget {self._limits()}; " + (f"{ran}, stopped early: {stopped}." if stopped else f"{ran}.")
         summary = {"stage": None, "name": cfg["name"], "trainer": "centralized", "model": self.model_name,
                    "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.groups.values()),
                    "trainable_groups": self.groups, "best_round": trainer.best_round, "valid": trainer.best_valid,
                    "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
-                   "epochs_run": trainer.completed, "budget": budget, "hyperparameters": self.hyperparameters(),
+                   "epochs_run": trainer.completed, "stopped_by": stopped_by, "budget": budget, "hyperparameters": self.hyperparameters(),
                    "seed": cfg["seed"], "machine": machine_info()}
         run.write_summary(summary)
         return summary

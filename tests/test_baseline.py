@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = {"SASRec": 2, "GRU4Rec": 1}
 SUMMARY_KEYS = {"stage", "name", "trainer", "dataset", "trainable_params", "trainable_groups", "best_round",
-                "valid", "test", "wall_seconds", "model", "epochs_run", "budget"}
+                "valid", "test", "wall_seconds", "model", "epochs_run", "stopped_by", "budget"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def test_run_folder_has_the_layout_of_our_runs(runs, model):
     assert json.loads(Path(run_dir, "summary.json").read_text()) == summary
     assert summary["stage"] is None and summary["trainer"] == "centralized" and summary["model"] == model
     assert summary["epochs_run"] == EPOCHS[model] and f"ran {EPOCHS[model]} epoch" in summary["budget"]
+    assert summary["stopped_by"] is None
     assert summary["trainable_params"] == sum(summary["trainable_groups"].values()) == \
         sum(p.numel() for p in baseline.model.parameters())
     lines = read_metrics(run_dir)
@@ -93,6 +94,7 @@ def test_time_budget_cuts_the_epoch_and_still_validates_and_tests(tmp_path):
     assert line["batches"] == 1 < line["batches_per_epoch"]
     assert summary["epochs_run"] == 1 and summary["best_round"] == 1
     assert "stopped early" in summary["budget"] and "cut epoch 1 after 1 of" in summary["budget"]
+    assert summary["stopped_by"] == "time"
     assert summary["hyperparameters"]["train_batch_size"] == 256
 
 
