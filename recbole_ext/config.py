@@ -124,13 +124,19 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _PATH_KEYS = ("run_dir", "data.path", "data.text_features", "data.image_features", "tune.storage_path")
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
+BASE = Path(__file__).resolve().parents[1] / "yamls" / "base.yaml"
+
+
+def load_config(path: str | Path, overrides: list[str] = (), saved: bool = False) -> dict:
     """Load a stage file with everything it extends, apply `key=value` overrides, validate.
 
     Relative paths inside the config are made absolute against the current directory, so the
-    resolved config runs the same from anywhere (Ray Tune trials change directory).
+    resolved config runs the same from anywhere (Ray Tune trials change directory). `saved`: the
+    file is a config a run wrote (config.yaml, sweep.yaml), read as `with_defaults` does.
     """
     config = _load_with_extends(Path(path), chain=())
+    if saved:
+        config = with_defaults(config)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -178,7 +184,7 @@ def check_resumable(config: dict) -> None:
     saved_path = Path(config["run_dir"]) / "config.yaml"
     if not saved_path.is_file():
         raise UserError(f"{config['run_dir']}: not a run folder to resume (no config.yaml)")
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = with_defaults(yaml.safe_load(saved_path.read_text()))
     changed = [k for k in sorted(set(_flatten(saved)) | set(_flatten(config)))
                if _get_or_none(saved, k) != _get_or_none(config, k)]
     shrunk = [k for k in changed if k in BUDGET_KEYS and get(config, k) < get(saved, k)]
@@ -189,6 +195,12 @@ def check_resumable(config: dict) -> None:
     if changed:
         raise UserError(f"{saved_path}: the run was started with a different config; keys that differ: "
                         f"{', '.join(changed)} (only {' and '.join(BUDGET_KEYS)} may change, to grow the budget)")
+
+
+def with_defaults(saved: dict) -> dict:
+    """A config a run wrote, as today's schema reads it: a key added since the run was written takes
+    its yamls/base.yaml default, so older run folders still report, plot and resume."""
+    return _merge(_load_with_extends(BASE, chain=()), saved)
 
 
 def _get_or_none(config: dict, dotted: str):

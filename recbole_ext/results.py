@@ -402,7 +402,7 @@ def router_visual_weights(run_dir: Path):
 
     config_path = run_dir / "config.yaml"
     # best.pt holds every parameter, so the checkpoints the run started from are not needed (or read)
-    stage = Stage(load_config(config_path, ["load=[]", f"run_dir={run_dir}"]), str(config_path))
+    stage = Stage(load_config(config_path, ["load=[]", f"run_dir={run_dir}"], saved=True), str(config_path))
     groups = list(dict.fromkeys(stages.group_of(n) for n, _ in stage.model.named_parameters()))
     stages.load_groups(stage.model, [{"checkpoint": str(run_dir / CHECKPOINT), "groups": groups}],
                        stage.fingerprint)

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
         sweep_dir = Path(args.resume).resolve()
         if not (sweep_dir / SWEEP_CONFIG).is_file():
             raise UserError(f"{sweep_dir}: not a sweep folder (it has no {SWEEP_CONFIG})")
-        cfg = load_config(sweep_dir / SWEEP_CONFIG)
+        cfg = load_config(sweep_dir / SWEEP_CONFIG, saved=True)
         where = str(sweep_dir / SWEEP_CONFIG)
     elif args.config:
         cfg, where = load_config(args.config, args.set), args.config

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from recbole_ext.config import load_config
+from recbole_ext.config import check_resumable, dump, load_config
 from recbole_ext.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +79,19 @@ def test_extends_cycle_and_malformed_yaml(tmp_path):
     write(tmp_path / "m.yaml", "name: [unclosed\n")
     with pytest.raises(UserError, match=r"m\.yaml: not valid YAML"):
         load_config(tmp_path / "m.yaml")
+
+
+def test_a_run_folder_written_before_a_key_existed_still_loads_and_resumes(tmp_path):
+    """config.yaml of an older run lacks keys added since (here federated.server_lr_groups): reading it
+    as a saved config gives them their base.yaml default, and resuming does not count them as changed."""
+    cfg = load_config(ROOT / "yamls" / "stage1.yaml", [f"run_dir={tmp_path}"])
+    old = dump(cfg).replace("  server_lr_groups: {}\n", "")
+    assert "server_lr_groups" not in old
+    write(tmp_path / "config.yaml", old)
+    assert load_config(tmp_path / "config.yaml", saved=True)["federated"]["server_lr_groups"] == {}
+    with pytest.raises(UserError, match="missing key 'federated.server_lr_groups'"):
+        load_config(tmp_path / "config.yaml")  # a stage file must still declare every key
+    check_resumable(cfg)
+    with pytest.raises(UserError, match="keys that differ: federated.server_lr_groups"):
+        check_resumable(load_config(ROOT / "yamls" / "stage1.yaml",
+                                    [f"run_dir={tmp_path}", "federated.server_lr_groups={gamma: 0.1}"]))
