@@ -210,8 +210,8 @@ class Baseline:
                    "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.groups.values()),
                    "trainable_groups": self.groups, "best_round": trainer.best_round, "valid": trainer.best_valid,
                    "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
-                   "epochs_run": trainer.completed, "stopped_by": stopped_by, "budget": budget, "hyperparameters": self.hyperparameters(),
-                   "seed": cfg["seed"], "machine": machine_info()}
+                   "epochs_run": trainer.completed, "stopped_by": stopped_by, "budget": budget,
+                   "hyperparameters": self.hyperparameters(), "seed": cfg["seed"], "machine": machine_info()}
         run.write_summary(summary)
         return summary
 
