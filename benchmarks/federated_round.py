@@ -86,10 +86,10 @@ def timed(fn, repeats: int) -> tuple[float, dict]:
     return best, memory.record()
 
 
-def machine() -> dict:
+def machine(device: str) -> dict:
     from recbole_ext.runs import machine_info
 
-    return {**machine_info(), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    return {**machine_info(device), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 # ----------------------------------------------------------------------------- data
@@ -114,14 +114,14 @@ def prepare_data(folder: Path, with_ml1m: bool) -> list[str]:
     return datasets
 
 
-def build_stage(stage: int, dataset: str, data: Path, work: Path, sets: list[str]):
+def build_stage(stage: int, dataset: str, data: Path, work: Path):
     from recbole_ext.config import load_config
     from recbole_ext.pipeline import Stage
 
     cfg = load_config(ROOT / "yamls" / STAGE_FILES[stage], [
         f"data.path={data}", f"data.dataset={dataset}", "load=[]", f"run_dir={work / f'{dataset}-{stage}'}",
         f"data.text_features={data / dataset / 'bench_text.npz'}",
-        f"data.image_features={data / dataset / 'bench_image.npz'}", *sets])
+        f"data.image_features={data / dataset / 'bench_image.npz'}"])
     return Stage(cfg, f"benchmark stage {stage}")
 
 
@@ -441,7 +441,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    info = machine()
+    info = machine(args.device)
     backends = [b for b in args.backends.split(",") if b]
     data = Path(args.data).resolve()
     wanted = args.datasets.split(",") if args.datasets else None
@@ -459,10 +459,8 @@ def main(argv=None) -> int:
             for stage in (int(x) for x in args.stages.split(",")):
                 # --quick: the faster of two rounds where the ratios are read (stage 1), one elsewhere.
                 repeats = 1 if dataset == "ml-1m" or (args.quick and stage > 1) else 2
-                sets = [f"device={args.device}"]
-                stage_obj = build_stage(stage, dataset, data, work, sets)
-                if args.device != "cpu":
-                    stage_obj.model.to(args.device)
+                stage_obj = build_stage(stage, dataset, data, work)
+                stage_obj.model.to(args.device)  # a stage run itself trains on the CPU only
                 counts = (64,) if (args.quick and stage == 3) else (64, 256)
                 # The centralized floor only for stage 1 (for stages 2-3 one batch of all the clients'
                 # [positions, candidates, hidden] tensors takes 6-10 GiB).

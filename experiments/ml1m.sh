@@ -19,14 +19,10 @@ POSTERS="${POSTERS:-$(dirname "$SHARED")/ml-1m-posters/ml1m_posters_96x144.tar}"
 [ -f data/ml-1m/image_color_histogram.npz ] || "$PY" run.py prepare images --encoder color_histogram \
     --images "$POSTERS" --dataset-dir data/ml-1m --out data/ml-1m/image_color_histogram.npz
 
+source experiments/common.sh
 BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 BASELINE_EPOCHS=3
 resume() { [ -f "$1/state.pt" ] && echo --resume "$1"; true; }  # continue a run that saved state
-baseline_done() {  # RUN_DIR: its summary says it spent its epochs or stopped on patience
-  [ -f "$1/summary.json" ] && "$PY" -c 'import json, sys
-s = json.load(open(sys.argv[1]))
-sys.exit(not (s.get("stopped_by") == "patience" or s["epochs_run"] >= int(sys.argv[2])))' "$1/summary.json" "$BASELINE_EPOCHS"
-}
 runs=()
 for seed in "${SEEDS[@]}"; do
   dir="runs/ml1m/seed$seed"
@@ -49,7 +45,7 @@ for seed in "${SEEDS[@]}"; do
   for model in SASRec GRU4Rec; do  # a stated budget: a stock SASRec epoch is ~45 min on 2 cores
     run="$dir/baseline-$model"
     # done once it ran its epochs (or stopped on patience); a time-limited one goes on next session
-    baseline_done "$run" || \
+    baseline_done "$run" "$BASELINE_EPOCHS" || \
       "$PY" run.py baseline --config yamls/ml1m/stage1.yaml --model "$model" --epochs "$BASELINE_EPOCHS" \
         --max-minutes 150 --quiet --set seed="$seed" --set run_dir="$run" $(resume "$run")
     runs+=("$run")

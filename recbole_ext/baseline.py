@@ -211,7 +211,8 @@ class Baseline:
                    "trainable_groups": self.groups, "best_round": trainer.best_round, "valid": trainer.best_valid,
                    "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
                    "epochs_run": trainer.completed, "stopped_by": stopped_by, "budget": budget,
-                   "hyperparameters": self.hyperparameters(), "seed": cfg["seed"], "machine": machine_info()}
+                   "hyperparameters": self.hyperparameters(), "seed": cfg["seed"],
+                   "machine": machine_info(str(self.split.rb_config["device"]))}
         run.write_summary(summary)
         return summary
 

@@ -14,7 +14,9 @@ RecBole 1.2.1 predates all three. What it trips over, and why each shim is here:
   class outside RecBole; nothing here imports it.
 * `Config()` parses `--key=value` from `sys.argv`, so run.py's and pytest's flags would leak into the
   config; `recbole_config` hides them. It also ignores `data_path` for a dataset named `ml-100k`
-  (it reads the package's bundled copy); `recbole_config` puts the user's folder back.
+  (it reads the package's bundled copy); `recbole_config` puts the user's folder back. And it picks
+  CUDA whenever a GPU is visible, whatever `device` says, and sets `CUDA_VISIBLE_DEVICES` for the
+  whole process; `recbole_config` keeps the device asked for and the variable as it was.
 * RecBole's `Trainer` writes `log_tensorboard/` relative to the working directory;
   `writes_into` points it at the run folder.
 """
@@ -64,14 +66,20 @@ def import_sasrec():
 
 def recbole_config(model_class, dataset: str, config_dict: dict):
     """Build a RecBole `Config` from `config_dict` alone, never from the command line."""
+    import torch
     from recbole.config import Config
 
-    saved = sys.argv
+    saved, visible = sys.argv, os.environ.get("CUDA_VISIBLE_DEVICES")
     sys.argv = saved[:1]
     try:
         config = Config(model=model_class, dataset=dataset, config_dict=config_dict)
     finally:
         sys.argv = saved
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    config["device"] = torch.device(config_dict.get("device", "cpu"))
     if "data_path" in config_dict:
         # For the dataset named "ml-100k", Config silently replaces data_path with the copy inside
         # the RecBole package; honour the folder the user gave.

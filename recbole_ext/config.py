@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,8 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "run_dir": ((str,), True, None),
     "seed": ((int,), False, None),
     "state_every": ((int,), False, _non_negative),
-    "device": ((str,), False, None),
+    "device": ((str,), False, (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None,
+                               "must be cpu, cuda or cuda:N")),
     "data.path": ((str,), False, None),
     "data.dataset": ((str,), False, None),
     "data.text_features": ((str,), True, None),

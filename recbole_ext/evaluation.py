@@ -39,14 +39,15 @@ class TwoProtocolEvaluator:
         """{"full": {"hit@10": ...}, "uni100": {...}} for `split` ("valid" or "test")."""
         model.eval()
         collectors = {p: Collector(self.config) for p in PROTOCOLS}
+        device = next(model.parameters()).device
         for interaction, history_index, positive_u, positive_i in self.loaders[split]:
-            scores = model.full_sort_predict(interaction).view(-1, self.n_items)
+            scores = model.full_sort_predict(interaction.to(device)).view(-1, self.n_items)
             scores[:, 0] = float("-inf")
             if history_index is not None:
                 scores[history_index] = float("-inf")
             collectors["full"].eval_batch_collect(scores, interaction, positive_u, positive_i)
             candidates = torch.cat([interaction[self.iid_field].unsqueeze(1),
-                                    self.negatives[interaction[self.uid_field]]], dim=1)
+                                    self.negatives[interaction[self.uid_field]]], dim=1).to(device)
             rows = torch.arange(len(candidates))
             collectors["uni100"].eval_batch_collect(scores.gather(1, candidates), interaction, rows,
                                                     torch.zeros_like(rows))

@@ -68,6 +68,9 @@ class Split:
             raise UserError(f"{where}: data.path/data.dataset point to {inter}, which does not exist "
                             f"(for ML-100K run `python run.py prepare ml100k --out {data['path']}`)")
         check_interactions(inter)
+        if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"{where}: device {cfg['device']!r}: no CUDA device is available to torch "
+                            f"{torch.__version__}; set device: cpu")
         rb_config = compat.recbole_config(model_class, data["dataset"], settings)
         init_seed(cfg["seed"], True)
         dataset = UR4RecDataset(rb_config, max_users=data["max_users"])
@@ -94,6 +97,10 @@ class Stage:
         from .model.ur4rec_moe import UR4RecMoE
         from . import stages
 
+        if cfg["device"] != "cpu":
+            # the stage model never leaves the CPU (benchmarks/gpu_round.sh moves one itself to time rounds)
+            raise UserError(f"{where}: device {cfg['device']!r}: stage runs train on the CPU (only "
+                            f"`run.py baseline` uses a GPU); set device: cpu")
         self.cfg, self.where, self.started = cfg, where, time.time()
         data = cfg["data"]
         split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))

@@ -287,7 +287,7 @@ def compute_table(recs: list[dict]) -> str:
     for rec in {r["run"]: r for r in recs}.values():
         machine = rec["machine"] or {}
         where = (f"{machine.get('cores')} cores ({machine.get('cpu')}), {machine.get('threads')} threads"
-                 if machine else "–")
+                 + (f", {machine['gpu']}" if machine.get("gpu") else "") if machine else "–")
         mb = "–" if rec["bytes_up_per_round"] is None else f"{rec['bytes_up_per_round'] / 1e6:.1f}"
         cells = [rec["run"], "–" if rec["trainable_params"] is None else f"{rec['trainable_params']:,}", mb,
                  "–" if rec["rounds"] is None else str(rec["rounds"]),

@@ -21,14 +21,16 @@ CHECKPOINT = "best.pt"
 STATE = "state.pt"  # resumable training state
 
 
-def machine_info() -> dict:
-    """What a timing or a wall time was measured on, for summaries and benchmark records."""
+def machine_info(device: str = "cpu") -> dict:
+    """What a timing or a wall time was measured on, for summaries and benchmark records; `gpu` names
+    the card when `device` is a CUDA device."""
     cpuinfo = Path("/proc/cpuinfo")
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if cpuinfo.exists() else platform.processor()
     return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(),
+            **({"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {})}
 
 
 def atomic_write(path: Path, write) -> None:

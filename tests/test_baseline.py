@@ -112,6 +112,15 @@ def test_unknown_model_names_the_allowed_ones(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_a_gpu_without_one_names_the_file_and_device(capsys, tmp_path):
+    code = run_main("baseline", "--config", str(ROOT / "yamls" / "stage1.yaml"), "--model", "GRU4Rec",
+                    "--epochs", "1", "--set", "device=cuda", "--set", f"run_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "stage1.yaml: device 'cuda': no CUDA device is available" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stage_run_folder_is_not_overwritten(capsys, tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"stage": 1, "name": "stage1"}))
     code = run_main("baseline", "--config", str(ROOT / "yamls" / "stage1.yaml"), "--model", "SASRec",

@@ -1,6 +1,7 @@
 """The RecBole workarounds: numpy aliases, argv isolation, RecBole's own checkpoints."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -32,6 +33,17 @@ def test_recbole_config_ignores_command_line_flags(monkeypatch):
     assert config["learning_rate"] == 0.01 and config["config"] is None
     assert config["data_path"] == "/somewhere/ml-100k"  # not the package's bundled copy
     assert sys.argv[1] == "--learning_rate=0.5"
+
+
+def test_recbole_config_keeps_the_device_asked_for_and_the_visible_gpus(monkeypatch):
+    """RecBole's Config picks CUDA whenever a GPU is visible and rewrites CUDA_VISIBLE_DEVICES."""
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    config = compat.recbole_config(SASRec, "ml-100k", {"data_path": "/somewhere", "device": "cpu",
+                                                       "train_neg_sample_args": None})
+    assert config["device"] == torch.device("cpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
 
 
 def test_recbole_quick_start_is_never_imported():

@@ -129,6 +129,9 @@ def test_one_record_per_run_protocol_and_split(runs):
     for folder, row in zip(folders, rows):
         mb = statistics.mean(line["bytes_up"] for line in metrics_lines(folder)) / 1e6
         assert row.startswith(f"| {folder.name} | {summary(folder)['trainable_params']:,} | {mb:.1f} |")
+        assert row.endswith(" threads |")  # a CPU run names no GPU
+    on_gpu = {**recs[0], "run": "on_gpu", "machine": {**recs[0]["machine"], "gpu": "NVIDIA H200"}}
+    assert compute_table([on_gpu]).splitlines()[2].endswith(" threads, NVIDIA H200 |")
 
 
 @pytest.mark.slow

@@ -1,0 +1,9 @@
+# Sourced by the experiment scripts; expects PY (the Python to run).
+
+# baseline_done RUN_DIR EPOCHS: its summary says it spent its epochs or stopped on patience
+# (one stopped by its time limit goes on when its command is run again).
+baseline_done() {
+  [ -f "$1/summary.json" ] && "$PY" -c 'import json, sys
+s = json.load(open(sys.argv[1]))
+sys.exit(not (s.get("stopped_by") == "patience" or s["epochs_run"] >= int(sys.argv[2])))' "$1/summary.json" "$2"
+}
