@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: federated rounds of the sequential and vectorized backends, stages 1-3, 64 and 256
 # clients (stage 3: 64), on ML-100K, on the first CUDA device. Needs this project's requirements with
-# a CUDA build of torch; no Ray, no stock RecBole, no evaluation. About a minute on one H100.
+# a CUDA build of torch; no Ray, no stock RecBole, no evaluation. 42 s on one H200 (docs/BENCHMARKS.md).
 #
 #   bash benchmarks/gpu_round.sh [OUT.json]        # default docs/benchmarks-gpu.json
 set -euo pipefail
