@@ -6,6 +6,9 @@
 # table can be filled session by session.
 #
 #   bash experiments/ml1m.sh [SHARED_ML1M_DIR] [SEEDS...]     # defaults: ../shared/data/ml-1m, 2020 2021 2022
+#
+# Stock baselines: on a machine with a CUDA GPU, experiments/ml1m_baselines_gpu.sh (up to 30 epochs
+# each); without one, 3 epochs each on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -22,6 +25,7 @@ POSTERS="${POSTERS:-$(dirname "$SHARED")/ml-1m-posters/ml1m_posters_96x144.tar}"
 source experiments/common.sh
 BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 BASELINE_EPOCHS=3
+GPU=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available() else "no")')
 resume() { [ -f "$1/state.pt" ] && echo --resume "$1"; true; }  # continue a run that saved state
 runs=()
 for seed in "${SEEDS[@]}"; do
@@ -33,6 +37,7 @@ for seed in "${SEEDS[@]}"; do
     runs+=("$dir/$name")
   }
   stage 1 stage1
+  stage 1 stage1_ce --set loss.type=ce --set name=ml1m-stage1-ce  # the full softmax instead of sampled negatives
   stage 2 stage2 --set "load=[{checkpoint: $dir/stage1/best.pt, groups: $BACKBONE}]"
   s3_load="load=[{checkpoint: $dir/stage1/best.pt, groups: $BACKBONE}, {checkpoint: $dir/stage2/best.pt, groups: [visual_proj, text_proj, align_gating]}]"
   stage 3 stage3 --set "$s3_load"
@@ -42,7 +47,10 @@ for seed in "${SEEDS[@]}"; do
   [ -f "$dir/stage1_centralized/summary.json" ] || "$PY" run.py --config yamls/ml1m/stage1_centralized.yaml \
       --quiet --set seed="$seed" --set run_dir="$dir/stage1_centralized" $(resume "$dir/stage1_centralized")
   runs+=("$dir/stage1_centralized")
-  for model in SASRec GRU4Rec; do  # a stated budget: a stock SASRec epoch is ~45 min on 2 cores
+  # Stock baselines without a GPU: a stated budget of 3 epochs (a SASRec epoch is ~2 h on one core).
+  # With one, experiments/ml1m_baselines_gpu.sh trains them further, below.
+  for model in SASRec GRU4Rec; do
+    [ "$GPU" = yes ] && break
     run="$dir/baseline-$model"
     # done once it ran its epochs (or stopped on patience); a time-limited one goes on next session
     baseline_done "$run" "$BASELINE_EPOCHS" || \
@@ -51,5 +59,9 @@ for seed in "${SEEDS[@]}"; do
     runs+=("$run")
   done
 done
+if [ "$GPU" = yes ]; then
+  PYTHON="$PY" bash experiments/ml1m_baselines_gpu.sh "${SEEDS[@]}"
+  for seed in "${SEEDS[@]}"; do runs+=("runs/ml1m/seed$seed/baseline-SASRec-gpu" "runs/ml1m/seed$seed/baseline-GRU4Rec-gpu"); done
+fi
 mkdir -p docs/results
 "$PY" run.py results "${runs[@]}" --out docs/results/ml-1m.json --plots docs/results/
