@@ -62,15 +62,15 @@ class Split:
         from .data.atomic import check_interactions
         from .data.dataset import UR4RecDataset
 
+        if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"{where}: device {cfg['device']!r}: no CUDA device is available to torch "
+                            f"{torch.__version__}; set device: cpu")
         data = cfg["data"]
         inter = Path(data["path"]) / data["dataset"] / f"{data['dataset']}.inter"
         if not inter.is_file():
             raise UserError(f"{where}: data.path/data.dataset point to {inter}, which does not exist "
                             f"(for ML-100K run `python run.py prepare ml100k --out {data['path']}`)")
         check_interactions(inter)
-        if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"{where}: device {cfg['device']!r}: no CUDA device is available to torch "
-                            f"{torch.__version__}; set device: cpu")
         rb_config = compat.recbole_config(model_class, data["dataset"], settings)
         init_seed(cfg["seed"], True)
         dataset = UR4RecDataset(rb_config, max_users=data["max_users"])
