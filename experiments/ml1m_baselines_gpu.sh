@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The stock RecBole baselines of docs/RESULTS.md (SASRec and GRU4Rec, centralized, on the stage-1
-# split and evaluation) trained to convergence on one CUDA GPU: every (model, seed) at once, each up
+# split and evaluation) on one CUDA GPU: every (model, seed) at once, each trained for up
 # to EPOCHS epochs with the patience of this project's centralized stage 1 (10 validations), and each
 # cut at MINUTES of training (the summary then says stopped_by "time"; rerunning resumes it). Needs
 # data/ml-1m/ml-1m.inter (experiments/ml1m.sh prepares it). One log per run beside its folder.
