@@ -47,9 +47,7 @@ for seed in "${SEEDS[@]}"; do
   [ -f "$dir/stage1_centralized/summary.json" ] || "$PY" run.py --config yamls/ml1m/stage1_centralized.yaml \
       --quiet --set seed="$seed" --set run_dir="$dir/stage1_centralized" $(resume "$dir/stage1_centralized")
   runs+=("$dir/stage1_centralized")
-  # Stock baselines without a GPU: a stated budget of 3 epochs (a SASRec epoch is ~2 h on one core).
-  # With one, experiments/ml1m_baselines_gpu.sh trains them further, below.
-  for model in SASRec GRU4Rec; do
+  for model in SASRec GRU4Rec; do  # without a GPU: 3 epochs, as a SASRec epoch is ~2 h on one core
     [ "$GPU" = yes ] && break
     run="$dir/baseline-$model"
     # done once it ran its epochs (or stopped on patience); a time-limited one goes on next session

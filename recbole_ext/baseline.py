@@ -212,7 +212,7 @@ class Baseline:
                    "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
                    "epochs_run": trainer.completed, "stopped_by": stopped_by, "budget": budget,
                    "hyperparameters": self.hyperparameters(), "seed": cfg["seed"],
-                   "machine": machine_info(str(self.split.rb_config["device"]))}
+                   "machine": machine_info(cfg["device"])}
         run.write_summary(summary)
         return summary
 
