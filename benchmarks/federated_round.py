@@ -178,14 +178,14 @@ def bench_rounds(stage_obj, stage: int, dataset: str, client_counts, backends, r
 
 def centralized_step(stage_obj, clients, global_params) -> None:
     """One optimizer step over all windows of `clients` as one batch, then the parameters restored."""
-    from recbole_ext.federated.client import make_optimizer, train_step
+    from recbole_ext.federated.client import make_optimizer, positions_per_pass, train_step
 
     model, windows, cfg = stage_obj.model, stage_obj.windows, stage_obj.cfg
     index = windows.windows_of(clients)
     owners = np.repeat(clients, np.diff(windows.window_offsets)[clients]).tolist()
     optimizer = make_optimizer(model, cfg["optim"])
     train_step(model, optimizer, windows, index, owners, cfg["loss"], cfg["optim"]["clip_grad_norm"],
-               torch.Generator().manual_seed(0))
+               torch.Generator().manual_seed(0), positions_per_pass(model, cfg))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in global_params:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from .federated.client import make_optimizer, train_step
+from .federated.client import make_optimizer, positions_per_pass, train_step
 from .training import RoundTrainer
 
 
@@ -18,6 +18,7 @@ class CentralizedTrainer(RoundTrainer):
         opt = settings["optim"]
         self.local_optimizer = make_optimizer(model, opt)
         self.shuffler = np.random.default_rng(settings["seed"])
+        self.max_positions = positions_per_pass(model, settings)
 
     def units(self) -> int:
         return self.settings["centralized"]["epochs"]
@@ -33,7 +34,7 @@ class CentralizedTrainer(RoundTrainer):
             batch = order[start:start + size]
             step = train_step(self.model, self.local_optimizer, train_data, torch.from_numpy(batch),
                               owner[batch].tolist(), self.settings["loss"],
-                              self.settings["optim"]["clip_grad_norm"], generator)
+                              self.settings["optim"]["clip_grad_norm"], generator, self.max_positions)
             weight = len(batch)
             weight_sum += weight
             for key, value in step.items():

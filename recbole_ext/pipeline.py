@@ -110,12 +110,13 @@ class Stage:
         self.model = UR4RecMoE(self.rb_config, self.dataset, side)
         self.fingerprint = stages.vocabulary_fingerprint(self.item_tokens)
         self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
-        self.trainable = stages.apply_trainable(self.model, cfg["trainable"], where)
-        stages.check_expectations(self.trainable, cfg["expect"], where)
+        stages.apply_trainable(self.model, cfg["trainable"], where)
         if cfg["trainer"] == "federated":  # a bad server_lr_groups pattern stops the run before it starts
-            stages.server_rates({n: p for n, p in self.model.named_parameters() if p.requires_grad},
-                                cfg["federated"], where)
+            stages.check_server_rate_patterns(self.model, cfg["federated"], where)
         self.windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
+        self.gradientless = stages.freeze_gradientless(self.model, self.windows)
+        self.trainable = stages.trainable_counts(self.model)
+        stages.check_expectations(self.trainable, cfg["expect"], where)
         self.evaluator = split.evaluator(cfg["seed"])
 
     def _side_info(self, model_class):
@@ -150,7 +151,7 @@ class Stage:
         head = (f"stage {c['stage']} ({_STAGE_NAMES[c['stage']]}), {c['trainer']} on {c['data']['dataset']}: "
                 f"{len(self.windows.clients)} users, {len(self.item_tokens) - 1} items; "
                 f"text features: {text}; image features: {image}")
-        return head + "\n" + stages.describe(self.model, self.trainable, self.loaded)
+        return head + "\n" + stages.describe(self.model, self.trainable, self.loaded, self.gradientless)
 
     def run(self, show_progress: bool = True, callback_fn=None, resume: bool = False) -> dict:
         from .centralized import CentralizedTrainer

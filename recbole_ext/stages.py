@@ -6,11 +6,13 @@ whole groups.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import pickle
 import zipfile
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -35,27 +37,80 @@ def apply_trainable(model, patterns: list[str], where: str) -> dict[str, int]:
             raise UserError(f"{where}: trainable pattern {pattern!r} matches no parameter. "
                             f"Parameter groups are: {', '.join(groups)} (patterns are globs over names "
                             f"such as 'trm_encoder.*').")
-    counts: dict[str, int] = {}
     for name, param in model.named_parameters():
         param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+    return trainable_counts(model)
+
+
+def trainable_counts(model) -> dict[str, int]:
+    """Trainable parameters per group."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
             counts[group_of(name)] = counts.get(group_of(name), 0) + param.numel()
     return counts
 
 
-def server_rates(trainable: dict, fed: dict, where: str) -> dict[str, float]:
+def gradientless_parameters(model, windows, users: int = 32) -> list[str]:
+    """Trainable parameters that get exactly zero gradient on this data, found by one backward pass
+    of a copy of the model over the most recent window of up to `users` users.
+
+    Structural zeros are what it finds: with one modality the softmaxes over the available
+    modalities (align gating, router) are the constant 1, and whatever feeds only the missing
+    modality (its projector, its expert) is multiplied by a zero weight. The copy runs without
+    dropout, with gamma at 1 when gamma trains (at its usual start of 0 the experts would get their
+    first gradient only in the second step) and with a few sampled negatives (the question is which
+    parameters are connected to the loss, not by how much); the run's own model and random streams
+    are untouched.
+    """
+    from .federated.client import backward_in_parts, positions_per_pass
+    from .federated.negatives import sample_negatives
+
+    probe = copy.deepcopy(model).eval()
+    probe.rec_loss = "sampled_softmax"
+    if probe.gamma.requires_grad:
+        with torch.no_grad():
+            probe.gamma.fill_(1.0)
+    clients = windows.clients
+    chosen = np.unique(clients[np.linspace(0, len(clients) - 1, min(users, len(clients))).astype(int)])
+    index = torch.as_tensor(windows.window_offsets[chosen])  # each user's first window is its most recent
+    targets = windows.targets[index]
+    valid = targets > 0
+    owner = torch.arange(len(chosen)).unsqueeze(1).expand_as(valid)[valid]
+    negatives = sample_negatives(windows.excluded(chosen.tolist()), owner, 8, torch.Generator().manual_seed(0))
+    backward_in_parts(probe, windows.inputs[index], targets, windows.mem_rows[index], negatives,
+                      positions_per_pass(probe, {"federated": {}}))
+    return [name for name, param in probe.named_parameters()
+            if param.requires_grad and (param.grad is None or not bool(param.grad.any()))]
+
+
+def freeze_gradientless(model, windows) -> list[str]:
+    """Leave the declared-trainable parameters that cannot learn on this data out of the trainable set
+    (they keep their loaded or initial values, are not uploaded and are not counted); their names."""
+    names = gradientless_parameters(model, windows)
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
+def check_server_rate_patterns(model, fed: dict, where: str) -> None:
+    """Every `federated.server_lr_groups` pattern must match a declared-trainable parameter."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    for pattern in fed["server_lr_groups"]:
+        if not fnmatch.filter(trainable, pattern):
+            raise UserError(f"{where}: federated.server_lr_groups pattern {pattern!r} matches no trainable "
+                            f"parameter. Trainable groups are: {', '.join(sorted({group_of(n) for n in trainable}))}.")
+
+
+def server_rates(trainable: dict, fed: dict) -> dict[str, float]:
     """Each trainable parameter's server learning rate: that of the first pattern in
     `federated.server_lr_groups` its name matches, else `server_lr`. FedAdam moves every parameter by
     about its rate per round, whatever its gradient's scale, so a part that starts untrained beside a
     trained backbone needs a rate of its own."""
     patterns = fed["server_lr_groups"]
-    rates = {name: next((lr for p, lr in patterns.items() if fnmatch.fnmatchcase(name, p)), fed["server_lr"])
-             for name in trainable}
-    for pattern in patterns:
-        if not fnmatch.filter(trainable, pattern):
-            raise UserError(f"{where}: federated.server_lr_groups pattern {pattern!r} matches no trainable "
-                            f"parameter. Trainable groups are: {', '.join(sorted({group_of(n) for n in trainable}))}.")
-    return rates
+    return {name: next((lr for p, lr in patterns.items() if fnmatch.fnmatchcase(name, p)), fed["server_lr"])
+            for name in trainable}
 
 
 def read_checkpoint(path: str) -> dict:
@@ -115,7 +170,7 @@ def check_expectations(trainable: dict[str, int], expect: dict, where: str) -> N
                         f"= {limit:,} (groups: {trainable})")
 
 
-def describe(model, trainable: dict[str, int], loaded: dict[str, str]) -> str:
+def describe(model, trainable: dict[str, int], loaded: dict[str, str], gradientless: list[str] = ()) -> str:
     rows = []
     for group in dict.fromkeys(group_of(n) for n, _ in model.named_parameters()):
         size = sum(p.numel() for n, p in model.named_parameters() if group_of(n) == group)
@@ -123,4 +178,9 @@ def describe(model, trainable: dict[str, int], loaded: dict[str, str]) -> str:
         source = f"  <- {loaded[group]}" if group in loaded else ""
         rows.append(f"  {state} {group:<20} {size:>10,}{source}")
     rows.append(f"  trainable parameters: {sum(trainable.values()):,}")
+    if gradientless:
+        whole = [g for g in dict.fromkeys(map(group_of, gradientless)) if g not in trainable]
+        some = [n for n in gradientless if group_of(n) in trainable]
+        rows.append("  not trained, although declared trainable, because they get no gradient on this data: "
+                    + ", ".join(whole + some))
     return "\n".join(rows)

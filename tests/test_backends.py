@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
+from recbole_ext.config import load_config
 from recbole_ext.federated.aggregate import RoundSums
 from recbole_ext.federated.backbone_cache import BackboneCache
 from recbole_ext.federated.backends import BACKENDS, SequentialBackend
@@ -102,6 +103,32 @@ def test_all_backends_give_the_same_rounds_and_metrics(stage_file, stages, tmp_p
     assert any(float(v.abs().max()) > 0 for v in reference[0][0].values())
     assert_same(reference, three_rounds(stage, initial, "vectorized", tmp_path / "vectorized", {}), "vectorized")
     assert_same(reference, three_rounds(stage, initial, "ray", tmp_path / "ray", {}), "ray")
+
+
+def test_stage2_backends_agree_with_the_default_backbone_dropout(tmp_path, features, ray_session):
+    # Stage 2's backbone is frozen, so it runs without its dropout on every backend (the vectorized
+    # and ray backends read it from a cache computed once); only the align gating's own dropout,
+    # which trains and is random, is off here.
+    defaults = load_config(ROOT / "yamls" / "base.yaml")["model"]
+    assert defaults["hidden_dropout_prob"] > 0 and defaults["attn_dropout_prob"] > 0
+    dropout = [f"model.hidden_dropout_prob={defaults['hidden_dropout_prob']}",
+               f"model.attn_dropout_prob={defaults['attn_dropout_prob']}"]
+    stage = Stage(tiny_config("stage2.yaml", tmp_path / "built", features, EQUAL_SETS + dropout), "stage2.yaml")
+    assert stage.model.dropout.p > 0
+    initial = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    reference = three_rounds(stage, initial, "sequential", tmp_path / "sequential", {})
+    assert_same(reference, three_rounds(stage, initial, "vectorized", tmp_path / "vectorized", {}), "vectorized")
+    assert_same(reference, three_rounds(stage, initial, "ray", tmp_path / "ray", {}), "ray")
+
+
+def test_sequential_clients_trained_in_parts_give_the_one_pass_update(stages):
+    stage, initial = stages["stage3.yaml"]
+    clients = stage.windows.clients[:6]
+    assert stage.windows.num_targets[clients].max() > 30
+    whole = {**stage.cfg, "federated": {**stage.cfg["federated"], "cohort_positions": 10 ** 6}}
+    parts = {**stage.cfg, "federated": {**stage.cfg["federated"], "cohort_positions": 30}}
+    assert_same_update(one_round(stage, initial, "sequential", whole, clients),
+                       one_round(stage, initial, "sequential", parts, clients))
 
 
 def one_round(stage, initial, backend: str, settings: dict, clients, seed: int = 7) -> dict:
@@ -258,3 +285,42 @@ def test_trimmed_windows_give_the_same_backbone_states(stages):
                      if s is not None]
             got = torch.cat(parts)[trimmed["positions"][c]][real[c]]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_resumed_ray_run_draws_the_dropout_of_an_uninterrupted_one(tmp_path, ray_session):
+    """Each actor's torch generator is seeded from the run's seed and its index and saved with the
+    run's state: a run resumed with fresh actors after round 2 trains rounds 3 and 4 as one that was
+    never stopped (with fresh, unrestored actors it would replay rounds 1 and 2's dropout masks)."""
+    dropout = ["model.hidden_dropout_prob=0.2", "model.attn_dropout_prob=0.2", "federated.backend=ray",
+               "federated.ray_workers=2", "federated.clients_per_round=6", "load=[]"]
+    stage = Stage(tiny_config("stage1.yaml", tmp_path / "built", None, dropout), "stage1.yaml")
+    initial = {k: v.clone() for k, v in stage.model.state_dict().items()}
+
+    def trainer(name):
+        stage.model.load_state_dict(initial)
+        run = RunFolder(tmp_path / name)
+        run.create(stage.cfg)
+        return FederatedTrainer(stage.rb_config, stage.model, stage.cfg, run, {}, stage.windows)
+
+    def trained(trainer, rounds):
+        for index in rounds:
+            trainer.train_unit(index, stage.windows, False)
+        trainer.run.save_state(trainer.state())  # as the run does after every round
+        state = trainer.run.load_state()
+        trainer.backend.close()
+        return {n: p.detach().clone() for n, p in stage.model.named_parameters()}, state
+
+    torch.manual_seed(0)
+    uninterrupted = trainer("uninterrupted")
+    first, second = uninterrupted.backend.rng_states()
+    assert not torch.equal(first, second), "the actors share one random stream"
+    reference, _ = trained(uninterrupted, [1, 2, 3, 4])
+
+    torch.manual_seed(0)
+    stopped = trainer("stopped")
+    _, state = trained(stopped, [1, 2])
+    resumed = trainer("resumed")
+    resumed.resume_from(state)
+    params, _ = trained(resumed, [3, 4])
+    for name, value in reference.items():
+        assert torch.equal(params[name], value), name

@@ -51,11 +51,12 @@ def gradients(stage, generator_seed=0):
     model.zero_grad(set_to_none=True)
     w = stage.windows
     valid = w.targets[index] > 0
+    from recbole_ext.federated.client import backward_in_parts
     from recbole_ext.federated.negatives import sample_negatives
     distinct, owner = torch.unique(torch.as_tensor(owners), return_inverse=True)
     negatives = sample_negatives(w.excluded(distinct.tolist()), owner.unsqueeze(1).expand_as(valid)[valid], 16,
                                  torch.Generator().manual_seed(generator_seed))
-    model.sequence_loss(w.inputs[index], w.targets[index], w.mem_rows[index], negatives)["loss"].backward()
+    backward_in_parts(model, w.inputs[index], w.targets[index], w.mem_rows[index], negatives, 10 ** 6)
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -141,3 +142,73 @@ def test_server_lr_groups_give_their_parameters_their_own_server_rate(tmp_path, 
 def test_server_lr_group_that_matches_nothing_trainable_names_the_key(tmp_path, features):
     with pytest.raises(UserError, match=r"server_lr_groups pattern 'item_embedding\.\*' matches no trainable"):
         build("stage3.yaml", tmp_path, features, ["federated.server_lr_groups={item_embedding.*: 0.01}"])
+
+
+# Text features only, as in the ML-100K demo and every text-only run: the softmaxes over the available
+# modalities are constant, and whatever feeds only the image side is multiplied by a zero weight.
+TEXT_ONLY_DEAD = {"stage2.yaml": {"visual_proj", "align_gating"},
+                  "stage3.yaml": {"visual_proj", "align_gating", "visual_expert", "router"}}
+
+
+@pytest.mark.parametrize("stage_file", ["stage2.yaml", "stage3.yaml"])
+def test_with_one_modality_every_reported_trainable_parameter_gets_a_gradient(stage_file, tmp_path, features):
+    stage = build(stage_file, tmp_path, None, [f"data.text_features={features['text']}", "model.gating_init=0.5"])
+    assert not TEXT_ONLY_DEAD[stage_file] & set(stage.trainable)
+    assert {n.split(".")[0] for n in stage.gradientless} == TEXT_ONLY_DEAD[stage_file] | (
+        {"fusion"} if stage_file == "stage3.yaml" else set())
+    assert "not trained, although declared trainable" in stage.describe()
+    grads = gradients(stage)
+    assert sum(g.numel() for g in grads.values()) == sum(stage.trainable.values())
+    dead = [n for n, g in grads.items() if g is None or not bool(g.abs().sum() > 0)]
+    assert not dead, f"{stage_file}: reported trainable but without gradient: {dead}"
+    run = RunFolder(tmp_path / "round")
+    run.create(stage.cfg)
+    trainer = FederatedTrainer(stage.rb_config, stage.model, stage.cfg, run, {}, stage.windows)
+    _, bytes_up = trainer.train_unit(1, stage.windows, False)
+    assert bytes_up == 4 * sum(stage.trainable.values()) * stage.cfg["federated"]["clients_per_round"]
+
+
+def test_with_both_modalities_nothing_declared_trainable_is_left_out(tmp_path, features):
+    stage = build("stage3.yaml", tmp_path, features)  # gamma starts at 0: the experts still count
+    assert stage.gradientless == []
+    assert set(stage.trainable) == {n.split(".")[0] for n, _ in stage.model.named_parameters()} - {"item_embedding"}
+
+
+def test_a_frozen_backbone_runs_without_dropout_and_a_training_one_with_it(tmp_path):
+    sets = ["model.hidden_dropout_prob=0.5", "model.attn_dropout_prob=0.5"]
+    inputs = None
+    for stage_file, deterministic in (("stage2.yaml", True), ("stage1.yaml", False)):
+        stage = build(stage_file, tmp_path / stage_file, None, sets)
+        inputs = stage.windows.inputs[:4]
+        stage.model.train()
+        with torch.no_grad():
+            trained = stage.model.encode(inputs)
+            stage.model.eval()
+            reference = stage.model.encode(inputs)
+        assert torch.equal(trained, reference) == deterministic, stage_file
+
+
+@pytest.mark.parametrize("stage_file", ["stage1.yaml", "stage3.yaml"])
+def test_a_client_larger_than_the_pass_limit_gets_the_one_pass_gradient(stage_file, tmp_path, features):
+    from recbole_ext.federated.client import backward_in_parts
+    from recbole_ext.federated.negatives import sample_negatives
+
+    stage = build(stage_file, tmp_path, features, ["model.gating_init=0.5"])
+    model, w = stage.model, stage.windows
+    user = int(w.clients[np.argmax(w.num_targets[w.clients])])
+    index = w.windows_of([user])
+    assert w.num_targets[user] > 40 and len(index) > 2
+    valid = w.targets[index] > 0
+    negatives = sample_negatives(w.excluded([user]), torch.zeros(int(valid.sum()), dtype=torch.long), 16,
+                                 torch.Generator().manual_seed(0))
+    model.eval()
+    results = []
+    for limit in (10 ** 6, 30):  # one pass; parts of at most 30 positions (one window of 20 each)
+        model.zero_grad(set_to_none=True)
+        stats = backward_in_parts(model, w.inputs[index], w.targets[index], w.mem_rows[index], negatives, limit)
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (whole_stats, whole), (part_stats, parts) = results
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+    for key in ("loss", "rec_loss", "align_loss", "lb_loss"):
+        torch.testing.assert_close(part_stats[key], whole_stats[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -3,9 +3,9 @@
 In stage 2 nothing `encode` reads trains (item and position embeddings, transformer, LayerNorm), so
 a position's backbone state is the same in every round; only the projectors and the gating MLP
 change. Computing the states once and gathering them per round removes the transformer from the
-round entirely. The states are the backbone's deterministic (eval-mode, no dropout) output: a
-frozen backbone is used as a fixed feature extractor. With dropout off this equals what the
-`sequential` reference computes each round (tests/test_backends.py).
+round entirely. A frozen backbone runs without dropout wherever it runs (`UR4RecMoE.train`), so
+these states are exactly what the `sequential` backend and the centralized trainer compute every
+step, whatever the configured dropout (tests/test_backends.py).
 
 If the backbone's weights change in place (a checkpoint load), the cache sees it through the
 parameters' version counters and recomputes.
@@ -15,11 +15,6 @@ from __future__ import annotations
 import torch
 
 from ..model.ur4rec_moe import BACKBONE_GROUPS
-
-
-def backbone_is_frozen(model) -> bool:
-    return not any(p.requires_grad for name, p in model.named_parameters()
-                   if name.split(".", 1)[0] in BACKBONE_GROUPS)
 
 
 class BackboneCache:

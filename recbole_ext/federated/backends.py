@@ -7,7 +7,7 @@ agree to float rounding for the same seed when dropout is off (tests/test_backen
 
 * `sequential` (here) is the reference: one client after another on the global model object, with
   the `torch.optim` optimizer of `optim.optimizer`, restoring the global trainable parameters before
-  each client.
+  each client; a client with more than `cohort_positions` positions takes its gradient in parts.
 * `vectorized` (vectorized.py): cohorts of clients at once with torch.func (stacked parameters).
 * `ray` (ray_backend.py): Ray actors, each running `vectorized` on a shard of the round's clients.
 """
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data.sequences import TrainingWindows
 from .aggregate import RoundSums
-from .client import client_generator, make_optimizer, train_step
+from .client import client_generator, make_optimizer, positions_per_pass, train_step
 
 
 class SequentialBackend:
@@ -26,6 +26,7 @@ class SequentialBackend:
         self.model = model
         self.windows = windows
         self.settings = settings
+        self.max_positions = positions_per_pass(model, settings)
 
     def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
         """Train each client from `global_params`; return (weighted mean update, weighted mean stats)."""
@@ -46,7 +47,7 @@ class SequentialBackend:
             owners = [user] * len(index)
             for _ in range(fed["local_epochs"]):
                 step = train_step(self.model, optimizer, self.windows, index, owners, self.settings["loss"],
-                                  opt["clip_grad_norm"], generator)
+                                  opt["clip_grad_norm"], generator, self.max_positions)
             weight = float(self.windows.num_targets[user])
             with torch.no_grad():
                 for name, value in global_params.items():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .aggregate import RoundSums
-from .backbone_cache import BackboneCache, backbone_is_frozen
+from .backbone_cache import BackboneCache
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # recbole_ext/
 
@@ -45,13 +45,20 @@ def connect(address: str | None, cpus_needed: float) -> None:
                  runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
 
 
+def actor_seed(run_seed: int, actor: int) -> int:
+    """The seed of an actor's torch generator (its dropout masks): a function of the run's seed and
+    the actor's index, so actors never share a stream and a run repeats."""
+    return int(np.random.SeedSequence([int(run_seed), int(actor)]).generate_state(1, np.uint64)[0])
+
+
 class _Worker:
     """One actor: a `VectorizedBackend` over its own copy of the model."""
 
-    def __init__(self, model, windows, settings, threads: int):
+    def __init__(self, model, windows, settings, threads: int, seed: int):
         from .vectorized import VectorizedBackend
 
         torch.set_num_threads(threads)
+        torch.manual_seed(seed)
         # Stage-2 states come from the driver (set_states), not from a cache of each actor's own.
         self.backend = VectorizedBackend(model, windows, settings, own_cache=False)
 
@@ -63,6 +70,12 @@ class _Worker:
 
     def train(self, global_params: dict, clients: np.ndarray, round_seed: int) -> RoundSums:
         return self.backend.train_clients(clients, global_params, round_seed)
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state.clone().contiguous())
 
 
 def shard_clients(clients: np.ndarray, work: np.ndarray, shards: int) -> list[np.ndarray]:
@@ -85,12 +98,13 @@ class RayBackend:
         self.workers_count = fed["ray_workers"]
         cpus = fed["ray_cpus_per_worker"]
         connect(fed["ray_address"], cpus * self.workers_count)
-        self.cache = BackboneCache(model, windows.inputs) if backbone_is_frozen(model) else None
+        self.cache = BackboneCache(model, windows.inputs) if model.backbone_frozen() else None
         self._shared_generation = 0
         model_ref, windows_ref = ray.put(model), ray.put(windows)
         worker = ray.remote(_Worker).options(num_cpus=cpus)
-        self.workers = [worker.remote(model_ref, windows_ref, settings, max(1, int(cpus)))
-                        for _ in range(self.workers_count)]
+        self.workers = [worker.remote(model_ref, windows_ref, settings, max(1, int(cpus)),
+                                      actor_seed(settings["seed"], index))
+                        for index in range(self.workers_count)]
         self._share_states()
 
     def _share_states(self) -> None:
@@ -121,6 +135,18 @@ class RayBackend:
         for part in ray.get(pending):
             sums.merge(part)
         return sums
+
+    def rng_states(self) -> torch.Tensor:
+        """[actors, state]: every actor's torch generator state, saved with the run's resumable state
+        so a resumed run draws the dropout masks an uninterrupted one would."""
+        import ray
+
+        return torch.stack(ray.get([w.rng_state.remote() for w in self.workers]))
+
+    def set_rng_states(self, states: torch.Tensor) -> None:
+        import ray
+
+        ray.get([w.set_rng_state.remote(state.clone()) for w, state in zip(self.workers, states)])
 
     def close(self) -> None:
         import ray

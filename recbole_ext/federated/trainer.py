@@ -25,7 +25,7 @@ class FederatedTrainer(RoundTrainer):
         # The server treats the clients' mean update as a negative gradient: plain SGD with lr 1 is
         # FedAvg itself; Adam is FedAdam (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
         server = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[fed["server_optimizer"]]
-        rates = server_rates(self.trainable, fed, "the federated settings")
+        rates = server_rates(self.trainable, fed)
         groups: dict[float, list] = {}
         for name, param in self.trainable.items():
             groups.setdefault(rates[name], []).append(param)
@@ -57,9 +57,14 @@ class FederatedTrainer(RoundTrainer):
         return stats, bytes_per_client * len(clients)
 
     def extra_state(self) -> dict:
-        return {"server_optimizer": self.server_optimizer.state_dict(),
-                "sampler": json.dumps(self.sampler.bit_generator.state)}
+        state = {"server_optimizer": self.server_optimizer.state_dict(),
+                 "sampler": json.dumps(self.sampler.bit_generator.state)}
+        if hasattr(self.backend, "rng_states"):  # ray: the actors' own random streams
+            state["actor_rngs"] = self.backend.rng_states()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         self.server_optimizer.load_state_dict(state["server_optimizer"])
         self.sampler.bit_generator.state = json.loads(state["sampler"])
+        if "actor_rngs" in state and hasattr(self.backend, "rng_states"):
+            self.backend.set_rng_states(state["actor_rngs"])

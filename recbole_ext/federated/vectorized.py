@@ -35,19 +35,11 @@ from tqdm import tqdm
 
 from ..data.sequences import TrainingWindows
 from .aggregate import RoundSums
-from .backbone_cache import BackboneCache, backbone_is_frozen
-from .client import ADAM_BETAS, ADAM_EPS, client_generator, decays
+from .backbone_cache import BackboneCache
+from .client import ADAM_BETAS, ADAM_EPS, client_generator, decays, positions_per_pass, whole_client_stats
 from .negatives import negatives_from_uniform
 
 MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction
-
-
-def default_cohort_positions(model) -> int:
-    """Positions per gradient pass when `federated.cohort_positions` is null: about 1 GiB of
-    activations or less on ML-1M in each stage (measured: ~0.1 MB a position in stage 1, ~0.4 MB with
-    the align gating, ~2.5 MB with the experts, whose tensors are [positions, candidates, hidden]),
-    so an ML-1M stage-3 run stays under 6 GiB in all."""
-    return 256 if model.use_experts else 2048 if model.use_align else 8192
 
 
 class _Call(nn.Module):
@@ -103,12 +95,12 @@ class VectorizedBackend:
         self.settings = settings
         fed = settings["federated"]
         self.cohort_size = fed["cohort_size"]
-        self.cohort_positions = fed.get("cohort_positions") or default_cohort_positions(model)
+        self.cohort_positions = positions_per_pass(model, settings)
         self.window_counts = np.diff(windows.window_offsets)
-        self.cache = BackboneCache(model, windows.inputs) if own_cache and backbone_is_frozen(model) else None
+        self.cache = BackboneCache(model, windows.inputs) if own_cache and model.backbone_frozen() else None
         self.shared_states = None
         self.loss_module = _Call(model, "masked_sequence_loss")
-        self.route_module = _Call(model, "route_table")
+        self.route_module = _Call(model, "mean_route")
 
     def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
         return self.train_clients(clients, global_params, round_seed, progress).mean()
@@ -158,10 +150,7 @@ class VectorizedBackend:
                 total = grads if total is None else {n: total[n] + grads[n] for n in names}
                 for key, value in part_stats.items():
                     stats[key] = stats.get(key, 0) + value
-            if route_mean is not None:  # report the load-balance loss itself, not its per-part terms
-                stats["lb_loss"] = ((route_mean - 0.5) ** 2).sum(-1)
-                stats["loss"] = (stats["rec_loss"] + self.model.lambda_align * stats["align_loss"]
-                                 + self.model.lambda_lb * stats["lb_loss"])
+            stats = whole_client_stats(self.model, stats, route_mean)
             grads = [total[name] for name in names]
             clip = clip_coefficients(grads, opt["clip_grad_norm"]) if opt["clip_grad_norm"] else None
             return grads, stats, clip
@@ -210,11 +199,7 @@ class VectorizedBackend:
 
         def mean_route(trainable, shared, targets, negatives, weight):
             values = {**shared, **{f"model.{name}": value for name, value in trainable.items()}}
-            table = functional_call(self.route_module, values, ())  # [n_items, 2]
-            if negatives is None:  # full softmax: every position scores the whole catalogue
-                return table.mean(0)
-            route = table[torch.cat([targets.unsqueeze(1), negatives], dim=1)].mean(1)  # [P, 2]
-            return (route * weight.unsqueeze(1)).sum(0)
+            return functional_call(self.route_module, values, (targets, negatives, weight))
 
         return vmap(mean_route, in_dims=(0 if batched else None, None, 0, None if negatives is None else 0, 0),
                     randomness="different")(params, frozen, targets, negatives, weight)

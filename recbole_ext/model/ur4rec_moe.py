@@ -90,6 +90,23 @@ class UR4RecMoE(SASRec):
             nn.init.zeros_(proj.bias)
 
     # ----------------------------------------------------------------- backbone
+    def backbone_frozen(self) -> bool:
+        """True when no parameter `encode` reads trains (stage 2)."""
+        return not any(p.requires_grad for name, p in self.named_parameters()
+                       if name.split(".", 1)[0] in BACKBONE_GROUPS)
+
+    def train(self, mode: bool = True):
+        """A frozen backbone is a fixed feature extractor: it runs without dropout even while the
+        parts around it train. Dropout in a module that never learns only injects noise into the
+        states the trainable parts see, and it would make the backbone's output differ between the
+        backends that compute it once per stage (federated/backbone_cache.py) and those that run it
+        every step; this way every backend and the centralized trainer see the same states."""
+        super().train(mode)
+        if mode and self.backbone_frozen():
+            for module in (self.dropout, self.trm_encoder, self.LayerNorm):
+                module.eval()
+        return self
+
     def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Backbone output at every position, causal: [B, L] -> [B, L, H]."""
         positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
@@ -158,6 +175,16 @@ class UR4RecMoE(SASRec):
             aux["router_weights"] = route
         return scores, aux
 
+    def mean_route(self, targets: torch.Tensor, negatives: torch.Tensor | None, weight: torch.Tensor):
+        """[2]: the mean router weight over the candidates of every position, positions weighted by
+        `weight` [P] (summing to 1). The load-balance loss is a function of this mean over all of a
+        client's positions, so a client trained in parts needs it before its first part."""
+        table = self.route_table()  # [n_items, 2]
+        if negatives is None:  # full softmax: every position scores the whole catalogue
+            return table.mean(0)
+        route = table[torch.cat([targets.unsqueeze(1), negatives], dim=1)].mean(1)  # [P, 2]
+        return (route * weight.unsqueeze(1)).sum(0)
+
     def _score_all_items(self, state, memory):
         """Full-catalogue scores, in row chunks so [rows, n_items, H] tensors stay small."""
         candidates = torch.arange(self.n_items, device=state.device).unsqueeze(0)
@@ -184,26 +211,16 @@ class UR4RecMoE(SASRec):
 
     def calculate_loss(self, interaction):
         """RecBole's one-target-per-sequence loss (full softmax), so a stock RecBole Trainer can train
-        this model too; the project's trainers use `sequence_loss`."""
+        this model too; the project's trainers use `masked_sequence_loss`."""
         state, memory = self._last_state(interaction)
         return self._losses(state, interaction[self.POS_ITEM_ID], memory, None)["loss"]
 
     # ----------------------------------------------------------------- training losses
-    def sequence_loss(self, item_seq, targets, mem_rows, negatives=None):
-        """Loss over every position of every window at once (causal attention, as SASRec trains).
-
-        item_seq, targets, mem_rows [B, L] (target 0 = padding); negatives [P, n] for the P positions
-        with a target, in row-major order, or None for the full softmax. Returns a dict of scalar tensors: loss, rec_loss, align_loss, lb_loss, and the
-        mean gate weights.
-        """
-        valid = targets > 0
-        state = self.encode(item_seq)[valid]
-        memory = self.memory_ids(mem_rows[valid], state.shape[0])
-        return self._losses(state, targets[valid], memory, negatives)
-
     def masked_sequence_loss(self, item_seq, positions, targets, mem_rows, negatives, align_items, align_mask,
                              states=None, total=None, route_mean=None, tail_seq=None):
-        """`sequence_loss` with fixed shapes, for `torch.func.vmap` over a cohort of clients.
+        """The training loss over every position of a client's windows at once (causal attention,
+        as SASRec trains), with fixed shapes so the same code runs for one client and under
+        `torch.func.vmap` for a cohort.
 
         The positions to train are given as indices instead of a boolean mask (whose selection has a
         data-dependent size), padded to a common length and weighted 0; the align loss's distinct
