@@ -1,7 +1,8 @@
 """Evaluation on both protocols from one full-ranking pass, scored by RecBole's own metric code.
 
 Full ranking is RecBole's full-sort evaluation (same batches, same masking). The sampled protocol
-(`uni100`: the positive plus N negatives drawn uniformly from items the user never interacted with)
+(`uni100`: the positive plus N negatives drawn uniformly from items the user never interacted with,
+in any split: the SASRec paper's protocol, not RecBole's, whose sampler excludes only the target)
 gathers its candidates' columns from the same full scores instead of calling `predict` once per
 candidate as stock RecBole does; the negatives are drawn once, seeded, and reused every round.
 """

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 from .errors import UserError
 
 METRICS = {"hit@10": "HR@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10"}  # table columns: heading
+# Printed under every results table: sampled metrics are only comparable under the same exclusion rule.
+UNI100_NOTE = ("uni100: the target against 100 negatives drawn uniformly from the items outside the user's "
+               "whole sequence (the SASRec paper's protocol); RecBole's own uni100 sampler for sequential "
+               "models excludes only the target, so its uni100 numbers are not these.")
 
 
 def format_summary(summary: dict) -> str:
@@ -37,7 +42,8 @@ def table(run_dirs: list[str]) -> str:
                     + [f"{s['trainable_params']:,}", f"{s['wall_seconds']:.0f}"])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    return "\n".join(lines + [textwrap.fill(UNI100_NOTE, width=100)])
 
 
 def main(argv: list[str]) -> None:

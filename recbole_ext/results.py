@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .report import METRICS, read_summary
+from .report import METRICS, UNI100_NOTE, read_summary
 from .runs import CHECKPOINT, read_metrics
 from .stages import read_checkpoint
 
@@ -278,7 +278,7 @@ def markdown_table(recs: list[dict]) -> str:
             row["name"] or "–", row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]), row["variant"]]
         cells += [_cell(row["cells"][(p, m)], row["n"]) for p in PROTOCOLS for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", UNI100_NOTE])
 
 
 def compute_table(recs: list[dict]) -> str:
