@@ -18,10 +18,10 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 data/ml-100k/ml-100k.inter: | $(STAMP)
-	$(BIN)/python run.py prepare ml100k --out data
+	$(BIN)/python run.py prepare ml100k --out data --overwrite
 
 data/ml-100k/text_minilm.npz: data/ml-100k/ml-100k.inter
-	$(BIN)/python run.py prepare text --dataset-dir data/ml-100k --out $@
+	$(BIN)/python run.py prepare text --dataset-dir data/ml-100k --out $@ --overwrite
 
 data: data/ml-100k/text_minilm.npz
 
