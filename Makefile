@@ -18,17 +18,17 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 data/ml-100k/ml-100k.inter: | $(STAMP)
-	$(BIN)/python run.py prepare ml100k --out data
+	$(BIN)/python run.py prepare ml100k --out data --overwrite
 
 data/ml-100k/text_minilm.npz: data/ml-100k/ml-100k.inter
-	$(BIN)/python run.py prepare text --dataset-dir data/ml-100k --out $@
+	$(BIN)/python run.py prepare text --dataset-dir data/ml-100k --out $@ --overwrite
 
 data: data/ml-100k/text_minilm.npz
 
 demo: data
-	$(BIN)/python run.py --config yamls/demo/stage1.yaml
-	$(BIN)/python run.py --config yamls/demo/stage2.yaml
-	$(BIN)/python run.py --config yamls/demo/stage3.yaml
+	$(BIN)/python run.py --config yamls/demo/stage1.yaml --overwrite
+	$(BIN)/python run.py --config yamls/demo/stage2.yaml --overwrite
+	$(BIN)/python run.py --config yamls/demo/stage3.yaml --overwrite
 	@echo
 	@echo "ML-100K has no images: stages 2 and 3 ran text-only (visual expert masked)."
 	$(BIN)/python run.py report runs/demo/stage1 runs/demo/stage2 runs/demo/stage3

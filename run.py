@@ -3,6 +3,7 @@
 
     python run.py --config yamls/stage2.yaml [--set key=value ...]   run one stage
     python run.py --config yamls/stage2.yaml --resume runs/stage2      continue an interrupted run
+    python run.py --config yamls/stage2.yaml --overwrite               replace an earlier run of it
     python run.py prepare SUBCOMMAND ...                               build data and feature files
     python run.py report RUN_DIR [RUN_DIR ...]                         table of finished runs
     python run.py results RUN_DIR ... --out F.json [--plots DIR]       result records, seed table, figures
@@ -25,21 +26,28 @@ def run_stage(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="stage file, e.g. yamls/stage2.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.learning_rate=0.01 (repeatable)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run of this config from its last saved round")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run of this config from its last saved round")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in the run folder (only its files; a folder holding "
+                            "anything else is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     from recbole_ext.config import check_resumable, load_config
     from recbole_ext.pipeline import Stage
     from recbole_ext.report import format_summary
+    from recbole_ext.runs import check_fresh
 
     cfg = load_config(args.config, args.set + ([f"run_dir={args.resume}"] if args.resume else []))
     if args.resume:
         check_resumable(cfg)
+    else:
+        check_fresh(cfg["run_dir"], args.overwrite)
     stage = Stage(cfg, args.config)
     print(stage.describe(), flush=True)
-    summary = stage.run(show_progress=not args.quiet, resume=bool(args.resume))
+    summary = stage.run(show_progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     print(format_summary(summary))
     print(f"run folder: {cfg['run_dir']}")
 

@@ -20,7 +20,7 @@ for seed in "${SEEDS[@]}"; do
   for model in SASRec GRU4Rec; do
     run="runs/ml1m/seed$seed/baseline-$model-gpu"
     baseline_done "$run" "$EPOCHS" && continue
-    resume=(); [ -f "$run/state.pt" ] && resume=(--resume "$run")
+    resume=(--overwrite); [ -f "$run/state.pt" ] && resume=(--resume "$run")
     mkdir -p "$(dirname "$run")"
     "$PY" run.py baseline --config yamls/ml1m/stage1.yaml --model "$model" --epochs "$EPOCHS" \
         --max-minutes "$MINUTES" --quiet --set device="${DEVICE:-cuda}" --set seed="$seed" --set eval.patience=10 \

@@ -21,10 +21,8 @@ import numpy as np
 from . import compat
 from .errors import UserError
 from .pipeline import Split, recbole_settings
-from .runs import STATE, atomic_write
+from .runs import OPTIONS, atomic_write, check_fresh
 from .training import RoundTrainer
-
-OPTIONS = "baseline.json"  # the model and options a resumed baseline must keep, and its epoch budget
 
 # The config keys each model reads; summary.json records their values.
 MODELS = {
@@ -174,7 +172,7 @@ class Baseline:
                   f"comes first" if self.max_minutes else ""
         return f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}{minutes}"
 
-    def run(self, show_progress: bool = True, resume: bool = False) -> dict:
+    def run(self, show_progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
         from .runs import RunFolder, machine_info
 
         cfg = self.cfg
@@ -183,7 +181,7 @@ class Baseline:
             state = run.load_state()
             _check_options(run.path, self.options, self.epochs)
         else:
-            run.create(cfg)
+            run.create(cfg, overwrite, "baseline")
         atomic_write(run.path / OPTIONS, lambda p: p.write_text(json.dumps(
             {**self.options, "epochs": self.epochs}, indent=2) + "\n"))
         meta = {"dataset": cfg["data"]["dataset"], "item_vocabulary": self.fingerprint,
@@ -242,18 +240,6 @@ def _check_options(folder: Path, options: dict, epochs: int) -> None:
                         f"-> {epochs}")
 
 
-def _refuse_other_runs(run_dir: str) -> None:
-    """A baseline replaces an earlier baseline in its folder, never a stage run (whose folder a
-    stage config's explicit run_dir would point at)."""
-    folder = Path(run_dir)
-    summary = folder / "summary.json"
-    theirs = not (folder / OPTIONS).is_file() and (
-        (folder / STATE).is_file() or (summary.is_file() and "model" not in json.loads(summary.read_text())))
-    if theirs:
-        raise UserError(f"{folder}: holds a stage run, which a baseline would overwrite; give the baseline "
-                        f"its own folder with --set run_dir=...")
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="run.py baseline",
@@ -268,9 +254,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, help="training batch size (default: RecBole's, 2048)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.dataset=ml-1m (repeatable)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue this baseline from its last finished epoch (the same command, with "
-                             "--epochs as large or larger and any --max-minutes)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue this baseline from its last finished epoch (the same command, with "
+                            "--epochs as large or larger and any --max-minutes)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier baseline in the run folder (only its files; a folder holding "
+                            "anything else is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -284,10 +274,11 @@ def main(argv: list[str]) -> None:
                       + ([f"run_dir={args.resume}"] if args.resume else []))
     if args.resume:
         check_resumable(cfg)
-    _refuse_other_runs(cfg["run_dir"])
+    else:
+        check_fresh(cfg["run_dir"], args.overwrite, "baseline")
     baseline = Baseline(cfg, args.config, name, args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
     print(baseline.describe(), flush=True)
-    summary = baseline.run(show_progress=not args.quiet, resume=bool(args.resume))
+    summary = baseline.run(show_progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     print(summary["budget"])
     print(format_summary(summary))
     print(f"run folder: {cfg['run_dir']}")

@@ -153,7 +153,8 @@ class Stage:
                 f"text features: {text}; image features: {image}")
         return head + "\n" + stages.describe(self.model, self.trainable, self.loaded, self.gradientless)
 
-    def run(self, show_progress: bool = True, callback_fn=None, resume: bool = False) -> dict:
+    def run(self, show_progress: bool = True, callback_fn=None, resume: bool = False,
+            overwrite: bool = False) -> dict:
         from .centralized import CentralizedTrainer
         from .federated.trainer import FederatedTrainer
         from .runs import RunFolder, machine_info
@@ -163,7 +164,7 @@ class Stage:
         if resume:
             state = run.load_state()
         else:
-            run.create(cfg)
+            run.create(cfg, overwrite)
         meta = {"dataset": cfg["data"]["dataset"], "item_vocabulary": self.fingerprint,
                 "n_items": len(self.item_tokens), "stage": cfg["stage"],
                 "text_dim": cfg["model"]["text_dim"], "image_dim": cfg["model"]["image_dim"],

@@ -27,7 +27,7 @@ from pathlib import Path
 from . import compat  # noqa: F401  (numpy aliases before any RecBole import, in the driver and in trials)
 from .config import dump, get, load_config, with_values
 from .errors import UserError
-from .runs import CHECKPOINT, STATE, read_metrics
+from .runs import CHECKPOINT, STATE, listing, read_metrics
 
 SWEEP_CONFIG = "sweep.yaml"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -68,6 +68,7 @@ def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[
         raise UserError(f"{where}: tune.space is empty; declare at least one key to sweep, e.g. "
                         "optim.learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}")
     if not resume:
+        _check_new(sweep_dir)
         # Build the base config's stage once here, so that a missing checkpoint or feature file stops
         # the sweep with its usual message instead of failing every trial.
         print(Stage(cfg, where).describe(), flush=True)
@@ -90,6 +91,18 @@ def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[
     print(_table(best[:5], cfg))
     print(f"sweep folder: {sweep_dir}")
     return rows
+
+
+def _check_new(sweep_dir: Path) -> None:
+    """A new sweep starts in a folder of its own: Tune and the trials would write over anything there."""
+    if not sweep_dir.exists() or sweep_dir.is_dir() and not any(sweep_dir.iterdir()):
+        return
+    held = "is a file" if not sweep_dir.is_dir() else "already holds " + listing(
+        sorted(p.name + ("/" if p.is_dir() else "") for p in sweep_dir.iterdir()))
+    resume = f"continue that sweep with run.py tune --resume {sweep_dir}, or " \
+        if (sweep_dir / SWEEP_CONFIG).is_file() else ""
+    raise UserError(f"{sweep_dir}: the new sweep's folder {held}; {resume}start this sweep under another name "
+                    f"or storage path (--set name=... or --set tune.storage_path=...)")
 
 
 # ---- the driver: Ray, the Tuner, restore -------------------------------------------------------
@@ -213,7 +226,8 @@ def run_trial(values: dict, base: dict, sweep_dir: str) -> None:
     reporter = _Reporter(cfg, read_metrics(cfg["run_dir"]) if resume else [])
     stage = Stage(cfg, trial)
     try:
-        stage.run(show_progress=False, callback_fn=reporter, resume=resume)
+        # overwrite: the folder is the trial's own, and holds its earlier start if any
+        stage.run(show_progress=False, callback_fn=reporter, resume=resume, overwrite=True)
     except Exception:
         if reporter.diverged_round is None:
             raise

@@ -121,12 +121,45 @@ def test_asking_for_a_gpu_without_one_names_the_file_and_device(capsys, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_stage_run_folder_is_not_overwritten(capsys, tmp_path):
+def baseline_main(run_dir, *extra) -> int:
+    """A one-epoch GRU4Rec on the bad-input corpus's tiny dataset (6 users): seconds."""
+    sets = [f"data.path={ROOT / 'tests' / 'bad_inputs' / '_data'}", "data.dataset=tiny", "data.max_users=null",
+            f"run_dir={run_dir}"]
+    return run_main("baseline", "--config", str(ROOT / "yamls" / "smoke.yaml"), "--model", "GRU4Rec",
+                    "--epochs", "1", "--quiet", *(a for s in sets for a in ("--set", s)), *extra)
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_a_stage_run_folder_is_not_overwritten(capsys, tmp_path, flags):
+    (tmp_path / "config.yaml").write_text(f"name: stage1\nrun_dir: {tmp_path}\n")
     (tmp_path / "summary.json").write_text(json.dumps({"stage": 1, "name": "stage1"}))
-    code = run_main("baseline", "--config", str(ROOT / "yamls" / "stage1.yaml"), "--model", "SASRec",
-                    "--epochs", "1", "--set", f"run_dir={tmp_path}")
-    assert code == 2 and "holds a stage run" in capsys.readouterr().err
+    assert baseline_main(tmp_path, *flags) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path}: holds {'a' if flags else 'an earlier'} stage run" in err and "--set run_dir=DIR" in err
     assert json.loads((tmp_path / "summary.json").read_text())["name"] == "stage1"
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_a_folder_holding_user_files_is_refused(capsys, tmp_path, flags):
+    (tmp_path / "results.csv").write_bytes(b"model,hr@10\nmine,0.5\n")
+    assert baseline_main(tmp_path, *flags) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path}: holds results.csv, which no run of this project wrote" in err and "--set run_dir" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    assert (tmp_path / "results.csv").read_bytes() == b"model,hr@10\nmine,0.5\n"
+
+
+def test_overwrite_replaces_an_earlier_baseline(capsys, tmp_path):
+    folder = tmp_path / "run"
+    assert baseline_main(folder) == 0
+    (folder / "state.pt.tmp").write_bytes(b"half")
+    summary = (folder / "summary.json").read_bytes()
+    assert baseline_main(folder) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{folder}: holds an earlier baseline (" in err and f"--resume {folder}" in err and "--overwrite" in err
+    assert (folder / "summary.json").read_bytes() == summary
+    assert baseline_main(folder, "--overwrite") == 0
+    assert not (folder / "state.pt.tmp").exists() and len(read_metrics(folder)) == 1
 
 
 def test_a_resumed_baseline_equals_one_never_interrupted(runs, tmp_path):

@@ -126,7 +126,7 @@ def test_shared_ml1m_filters(shared_ml1m, tmp_path):
 def test_copy_ml100k(tmp_path, capsys):
     prepare.main(["ml100k", "--out", str(tmp_path)])
     dst = tmp_path / "ml-100k"
-    assert sorted(p.name for p in dst.iterdir()) == ["ml-100k.inter", "ml-100k.item"]
+    assert sorted(p.name for p in dst.iterdir()) == ["ml-100k.inter", "ml-100k.item", "prepare.sha256"]
     assert "(100,000 rows)" in capsys.readouterr().out
 
 
@@ -219,3 +219,60 @@ def test_import_pt_errors_name_the_tensor(tmp_path, toy_dataset):
     with pytest.raises(UserError, match="absent.pt"):
         prepare.import_pt_features(tmp_path / "absent.pt", toy_dataset, out)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- never replacing what prepare did not write
+
+def refused(argv, capsys) -> str:
+    import run
+    assert run.main(["prepare", *argv]) == 2
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_ml100k_refuses_a_file_it_did_not_write_even_with_overwrite(tmp_path, capsys):
+    mine = tmp_path / "ml-100k" / "ml-100k.item"
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own item list\n")
+    for extra in ([], ["--overwrite"]):
+        err = refused(["ml100k", "--out", str(tmp_path), *extra], capsys)
+        assert str(mine) in err and ("--overwrite" in err if not extra else "not written by prepare" in err)
+        assert mine.read_bytes() == b"my own item list\n"
+    assert not (tmp_path / "ml-100k" / "ml-100k.inter").exists()  # refused before any work
+
+
+def test_overwrite_replaces_only_an_unchanged_file_prepare_wrote(tmp_path, capsys):
+    prepare.main(["ml100k", "--out", str(tmp_path)])
+    inter, item = tmp_path / "ml-100k" / "ml-100k.inter", tmp_path / "ml-100k" / "ml-100k.item"
+    assert "already exists; give --overwrite" in refused(["ml100k", "--out", str(tmp_path)], capsys)
+    before = inter.stat().st_mtime_ns
+    prepare.main(["ml100k", "--out", str(tmp_path), "--overwrite"])
+    assert inter.stat().st_mtime_ns != before
+    item.write_bytes(item.read_bytes() + b"9999\tmy edit\n")
+    edited = item.read_bytes()
+    err = refused(["ml100k", "--out", str(tmp_path), "--overwrite"], capsys)
+    assert f"{item}: not written by prepare, or changed since" in err
+    assert item.read_bytes() == edited
+
+
+def test_feature_outputs_are_kept_unless_prepare_wrote_them(tmp_path, toy_dataset, capsys):
+    torch.save(torch.ones(5, 3), tmp_path / "clip_features.pt")
+    argv = ["import-pt", "--tensor", str(tmp_path / "clip_features.pt"), "--dataset-dir", str(toy_dataset)]
+    thesis = tmp_path / "thesis.npz"
+    thesis.write_bytes(b"two years of work")
+    for extra in ([], ["--overwrite"]):
+        assert str(thesis) in refused([*argv, "--out", str(thesis), *extra], capsys)
+    assert thesis.read_bytes() == b"two years of work"
+    out = tmp_path / "clip.npz"
+    prepare.main([*argv, "--out", str(out)])
+    prepare.main([*argv, "--out", str(out), "--overwrite"])
+    digests = dict(line.split("  ")[::-1] for line in (tmp_path / "prepare.sha256").read_text().splitlines())
+    assert list(digests) == ["clip.npz"]  # the user's file is never recorded as prepare's
+
+
+def test_a_conversion_cut_short_is_redone_with_overwrite(official, capsys):
+    (official / "bad.dat").write_text("1::Toy Story (1995)\n")  # no genres: fails after ml-1m.inter is written
+    argv = ["ml1m", "--out", str(official / "data"), "--ratings", str(official / "ratings.dat")]
+    assert "bad.dat: line 1" in refused([*argv, "--movies", str(official / "bad.dat")], capsys)
+    assert (official / "data" / "ml-1m" / "ml-1m.inter").is_file()
+    prepare.main([*argv, "--movies", str(official / "movies.dat"), "--overwrite"])
+    assert len(read_atomic(official / "data" / "ml-1m" / "ml-1m.item")) == 4

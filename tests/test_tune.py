@@ -79,6 +79,21 @@ def test_a_sweep_without_its_stage1_checkpoint_stops_cleanly(tmp_path, capsys, f
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("held", ["notes.txt", "sweep.yaml"])
+def test_a_new_sweep_refuses_a_folder_that_already_holds_files(tmp_path, capsys, monkeypatch, held):
+    """Two sweeps of one name started in the same second, or the user's folder: refused before any work
+    (this sweep's stage-1 checkpoint does not even exist)."""
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")
+    sweep_dir = tmp_path / "sweeps" / "tune-smoke-20260101-000000"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / held).write_bytes(b"not yours\n")
+    code = run.main(["tune", "--config", SMOKE, "--set", f"tune.storage_path={tmp_path / 'sweeps'}"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"{sweep_dir}: the new sweep's folder already holds {held};" in err
+    assert ("run.py tune --resume" in err) == (held == "sweep.yaml") and "--set tune.storage_path" in err
+    assert [p.name for p in sweep_dir.iterdir()] == [held] and (sweep_dir / held).read_bytes() == b"not yours\n"
+
+
 # ---- real sweeps -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -167,6 +182,8 @@ def test_best_yaml_runs_as_a_stage_config(sweep, capsys):
     summary = json.loads((sweep["dir"] / "best" / "summary.json").read_text())
     assert summary["stage"] == 2 and summary["name"] == "tune-smoke-best"
     assert capsys.readouterr().out.strip().endswith(f"run folder: {sweep['dir'] / 'best'}")
+    assert run.main(["--config", str(best), "--quiet"]) == 2  # a second time it asks for --overwrite
+    assert f"{sweep['dir'] / 'best'}: holds an earlier stage run" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.slow

@@ -11,11 +11,15 @@ Usage:
 
 Each step is a plain function, so tests and notebooks can call it without the command line.
 MovieLens licences forbid redistribution, so the project ships converters, never data.
+
+The command never replaces a file it did not write: an existing output is refused, and `--overwrite`
+replaces only one that the `prepare.sha256` beside it records as written by prepare and unchanged since.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,11 +34,13 @@ from tqdm import tqdm
 from recbole_ext.data.features import read_atomic_file, read_item_tokens, save_item_features
 from recbole_ext.data.images import ImageSource, make_encoder
 from recbole_ext.errors import UserError
+from recbole_ext.runs import atomic_write
 
 ML1M_INTER_HEADER = ["user_id:token", "item_id:token", "timestamp:float"]
 ML1M_ITEM_HEADER = [
     "item_id:token", "movie_title:token_seq", "release_year:token", "genre:token_seq"
 ]
+MANIFEST = "prepare.sha256"  # beside the files prepare wrote: their sha256, in `sha256sum -c` format
 
 
 @dataclass
@@ -405,6 +411,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="clip only: local model folder, or hub name with downloads on")
     s.add_argument("--allow-download", action="store_true", help="clip only: may fetch --model")
     s.add_argument("--batch-size", type=int, default=64)
+    for s in sub.choices.values():
+        s.add_argument("--overwrite", action="store_true",
+                       help=f"replace output files prepare wrote before (as {MANIFEST} records them)")
     return p
 
 
@@ -413,35 +422,95 @@ def _count_rows(path: Path) -> int:
         return sum(1 for _ in f) - 1  # minus the header
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of what prepare wrote into `folder`, from its manifest."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError):
+        lines = [""]
+    if not all(len(line) > 66 and line[64:66] == "  " for line in lines):
+        raise UserError(f"{path}: not the list of files prepare wrote (sha256sum lines); prepare will not "
+                        f"replace it: move it away or give another --out")
+    return {line[66:]: line[:64] for line in lines}
+
+
+def _check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Refuse before any work if writing `paths` would replace a file that prepare did not write
+    (or that changed since), or any file without `overwrite`."""
+    for path in paths:
+        recorded = _recorded(path.parent)
+        if not path.exists() and not path.is_symlink():
+            continue
+        if not overwrite:
+            raise UserError(f"{path}: already exists; give --overwrite to replace a file prepare wrote, or "
+                            f"another --out")
+        if path.is_symlink() or not path.is_file() or recorded.get(path.name) != _sha256(path):
+            raise UserError(f"{path}: not written by prepare, or changed since ({path.parent / MANIFEST} "
+                            f"records what it wrote), so it is kept, with --overwrite or without: move it "
+                            f"away or give another --out")
+
+
+def _record(paths: list[Path]) -> None:
+    """Add what prepare just wrote to the manifest of each folder."""
+    for folder in {path.parent for path in paths}:
+        entries = {**_recorded(folder), **{p.name: _sha256(p) for p in paths if p.parent == folder}}
+        text = "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
+        atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+def _outputs(args) -> list[Path]:
+    if args.command in ("ml100k", "ml1m"):
+        name = {"ml100k": "ml-100k", "ml1m": "ml-1m"}[args.command]
+        return [Path(args.out) / name / f"{name}.{ext}" for ext in ("inter", "item")]
+    return [Path(args.out)]
+
+
 def main(argv: list[str]) -> None:
     """Run one `prepare` subcommand and print what it wrote."""
     args = _parser().parse_args(argv)
-    if args.command == "ml100k":
-        dst = copy_ml100k(args.out)
-        written = [Written(f, _count_rows(f)) for f in sorted(dst.glob("ml-100k.*"))]
-        print("wrote " + " and ".join(map(str, written)))
-    elif args.command == "ml1m":
-        if args.shared and (args.ratings or args.movies):
-            raise UserError("ml1m: give either --shared or --ratings with --movies, not both.")
-        if args.shared:
-            written = convert_ml1m_shared(args.shared, args.out, args.min_rating)
-        elif args.ratings and args.movies:
-            written = convert_ml1m_official(args.ratings, args.movies, args.out, args.min_rating)
-        else:
-            raise UserError("ml1m: give --ratings and --movies (official files) or --shared DIR.")
-        print("wrote " + " and ".join(map(str, written)))
-    elif args.command == "text":
-        print(f"wrote {build_text_features(args.dataset_dir, args.out, args.batch_size)}")
-    elif args.command == "import-pt":
-        print(f"wrote {import_pt_features(args.tensor, args.dataset_dir, args.out)}")
-    elif args.command == "images":
-        result = build_image_features(
-            args.images, args.dataset_dir, args.out, args.encoder, args.model,
-            args.batch_size, args.allow_download,
-        )
-        print(result)
-        if result.dim != 512:
-            print(
-                f"note: these features are {result.dim}-d, not the default 512; set "
-                f"model.image_dim={result.dim} in the config that uses {result.path}."
+    if args.command == "ml1m" and args.shared and (args.ratings or args.movies):
+        raise UserError("ml1m: give either --shared or --ratings with --movies, not both.")
+    if args.command == "ml1m" and not (args.shared or args.ratings and args.movies):
+        raise UserError("ml1m: give --ratings and --movies (official files) or --shared DIR.")
+    outputs = _outputs(args)
+    _check_outputs(outputs, args.overwrite)
+    try:
+        if args.command == "ml100k":
+            copy_ml100k(args.out)
+            print("wrote " + " and ".join(str(Written(f, _count_rows(f))) for f in outputs))
+        elif args.command == "ml1m":
+            if args.shared:
+                written = convert_ml1m_shared(args.shared, args.out, args.min_rating)
+            else:
+                written = convert_ml1m_official(args.ratings, args.movies, args.out, args.min_rating)
+            print("wrote " + " and ".join(map(str, written)))
+        elif args.command == "text":
+            print(f"wrote {build_text_features(args.dataset_dir, args.out, args.batch_size)}")
+        elif args.command == "import-pt":
+            print(f"wrote {import_pt_features(args.tensor, args.dataset_dir, args.out)}")
+        elif args.command == "images":
+            result = build_image_features(
+                args.images, args.dataset_dir, args.out, args.encoder, args.model,
+                args.batch_size, args.allow_download,
             )
+            print(result)
+            if result.dim != 512:
+                print(
+                    f"note: these features are {result.dim}-d, not the default 512; set "
+                    f"model.image_dim={result.dim} in the config that uses {result.path}."
+                )
+    finally:
+        # every output there now is prepare's (the check let through no other), even one a failure cut
+        # short: recording it lets a rerun with --overwrite replace it
+        _record([path for path in outputs if path.is_file()])
