@@ -100,8 +100,9 @@ _MODEL_DEFAULTS: dict = {}  # model class -> its defaults, read by the Config ho
 def register_model(model_class, defaults: dict, dataset_class) -> None:
     """Make `model_class` (a model outside RecBole) work in a stock RecBole script (idempotent).
 
-    * `Config(model=model_class, ...)` gets `defaults` where RecBole's own files set nothing, below
-      config files, `config_dict` and the command line, as a model YAML inside RecBole would be;
+    * `Config(model=model_class, ...)` gets `defaults` where RecBole would read a model's YAML of its
+      own: over `overall.yaml`, under the dataset's defaults, config files, `config_dict` and the
+      command line;
     * `create_dataset(config)` builds `dataset_class` (RecBole picks `recbole.data.dataset.<Model>Dataset`);
     * RecBole's `Trainer` reloads the checkpoints it writes (`evaluate(load_best_model=True)`,
       `resume_checkpoint`), which pickle its `Config` and so need `weights_only=False`.
@@ -115,9 +116,22 @@ def register_model(model_class, defaults: dict, dataset_class) -> None:
         load_internal = Config._load_internal_config_dict
 
         def _load_internal_config_dict(self, model, model_class, dataset):
-            load_internal(self, model, model_class, dataset)
-            for key, value in _MODEL_DEFAULTS.get(model_class, {}).items():
-                self.internal_config_dict.setdefault(key, copy.deepcopy(value))
+            defaults = _MODEL_DEFAULTS.get(model_class)
+            if defaults is None:
+                return load_internal(self, model, model_class, dataset)
+            update = self._update_internal_config_dict
+
+            def update_then_add_defaults(file):
+                loaded = update(file)
+                if os.path.basename(file) == "overall.yaml":  # RecBole reads the model's YAML right after it
+                    self.internal_config_dict.update(copy.deepcopy(defaults))
+                return loaded
+
+            self._update_internal_config_dict = update_then_add_defaults
+            try:
+                return load_internal(self, model, model_class, dataset)
+            finally:
+                del self._update_internal_config_dict
 
         _load_internal_config_dict._adds_model_defaults = True
         Config._load_internal_config_dict = _load_internal_config_dict

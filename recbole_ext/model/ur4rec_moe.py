@@ -30,13 +30,15 @@ SASRec = compat.import_sasrec()
 BACKBONE_GROUPS = ("item_embedding", "position_embedding", "LayerNorm", "trm_encoder")
 # Every RecBole config key the model and its dataset read, with its default: `yamls/base.yaml`'s model
 # section (and its feature paths and loss weights) under the names `pipeline.recbole_settings` gives
-# them; tests/test_recbole_script.py checks the two agree. A stock RecBole `Config(model=UR4RecMoE)`
-# gets them through `compat.register_model` (bottom of this file).
+# them; tests/test_recbole_script.py checks the two agree. `loss_type` and `train_neg_sample_args` are
+# RecBole's: `calculate_loss` is the full softmax (CE), which needs no sampled negatives. A stock
+# RecBole `Config(model=UR4RecMoE)` gets them through `compat.register_model` (bottom of this file).
 DEFAULTS = {
     "n_layers": 2, "n_heads": 2, "hidden_size": 128, "inner_size": 256, "hidden_dropout_prob": 0.2,
     "attn_dropout_prob": 0.2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "initializer_range": 0.02,
-    "loss_type": "CE", "text_dim": 384, "image_dim": 512, "align": False, "experts": False, "align_beta": 1.0,
-    "gating_init": 0.0, "projector_init_gain": 1.0, "expert_heads": 2, "align_dropout_prob": 0.1,
+    "loss_type": "CE", "train_neg_sample_args": None,
+    "text_dim": 384, "image_dim": 512, "align": False, "experts": False, "align_beta": 1.0, "gating_init": 0.0,
+    "projector_init_gain": 1.0, "expert_heads": 2, "align_dropout_prob": 0.1,
     "rec_loss": "sampled_softmax", "lambda_align": 0.1, "lambda_lb": 0.01, "align_temperature": 0.1,
     "text_features": None, "image_features": None, "memory": asdict(MemoryConfig()),
 }
