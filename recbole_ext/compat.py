@@ -19,12 +19,19 @@ RecBole 1.2.1 predates all three. What it trips over, and why each shim is here:
   whole process; `recbole_config` keeps the device asked for and the variable as it was.
 * RecBole's `Trainer` writes `log_tensorboard/` relative to the working directory;
   `writes_into` points it at the run folder.
+* A model class outside RecBole gets no default hyper-parameters from `Config` (it reads them from
+  `recbole/properties/model/<Name>.yaml` inside its own package), `create_dataset` only looks for a
+  dataset class inside `recbole.data.dataset`, and RecBole's `Trainer` cannot reload the best
+  checkpoint it saved itself (the `weights_only` default above); `register_model` mends all three
+  for a model of this project, so a stock RecBole script can train it.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -85,6 +92,76 @@ def recbole_config(model_class, dataset: str, config_dict: dict):
         # the RecBole package; honour the folder the user gave.
         config["data_path"] = os.path.join(config_dict["data_path"], dataset)
     return config
+
+
+_MODEL_DEFAULTS: dict = {}  # model class -> its defaults, read by the Config hook below
+
+
+def register_model(model_class, defaults: dict, dataset_class) -> None:
+    """Make `model_class` (a model outside RecBole) work in a stock RecBole script (idempotent).
+
+    * `Config(model=model_class, ...)` gets `defaults` where RecBole would read a model's YAML of its
+      own: over `overall.yaml`, under the dataset's defaults, config files, `config_dict` and the
+      command line;
+    * `create_dataset(config)` builds `dataset_class` (RecBole picks `recbole.data.dataset.<Model>Dataset`);
+    * RecBole's `Trainer` reloads the checkpoints it writes (`evaluate(load_best_model=True)`,
+      `resume_checkpoint`), which pickle its `Config` and so need `weights_only=False`.
+    """
+    import recbole.data.dataset
+    from recbole.config import Config
+
+    _MODEL_DEFAULTS[model_class] = defaults
+    setattr(recbole.data.dataset, f"{model_class.__name__}Dataset", dataset_class)
+    if not getattr(Config._load_internal_config_dict, "_adds_model_defaults", False):
+        load_internal = Config._load_internal_config_dict
+
+        def _load_internal_config_dict(self, model, model_class, dataset):
+            defaults = _MODEL_DEFAULTS.get(model_class)
+            if defaults is None:
+                return load_internal(self, model, model_class, dataset)
+            update = self._update_internal_config_dict
+
+            def update_then_add_defaults(file):
+                loaded = update(file)
+                if os.path.basename(file) == "overall.yaml":  # RecBole reads the model's YAML right after it
+                    self.internal_config_dict.update(copy.deepcopy(defaults))
+                return loaded
+
+            self._update_internal_config_dict = update_then_add_defaults
+            try:
+                return load_internal(self, model, model_class, dataset)
+            finally:
+                del self._update_internal_config_dict
+
+        _load_internal_config_dict._adds_model_defaults = True
+        Config._load_internal_config_dict = _load_internal_config_dict
+    _trust_trainer_checkpoints()
+
+
+class _TorchLoadingPickles(types.ModuleType):
+    """`torch` as RecBole's trainer module sees it, with `load` defaulting to `weights_only=False`."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        import torch
+
+        kwargs.setdefault("weights_only", False)
+        return torch.load(f, *args, **kwargs)
+
+
+def _trust_trainer_checkpoints() -> None:
+    """Only RecBole's trainer module sees the change: it loads files RecBole's `Trainer` wrote (or the
+    file a user hands to `resume_checkpoint`), as it did before torch 2.6; every other load keeps
+    torch's default."""
+    from recbole.trainer import trainer
+
+    if not isinstance(trainer.torch, _TorchLoadingPickles):
+        trainer.torch = _TorchLoadingPickles("torch")
 
 
 def load_recbole_checkpoint(path: str | Path) -> dict:

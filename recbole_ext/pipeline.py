@@ -37,6 +37,8 @@ def recbole_settings(cfg: dict) -> dict:
                              "projector_init_gain", "expert_heads", "align_dropout_prob")},
         "rec_loss": cfg["loss"]["type"], "lambda_align": cfg["loss"]["lambda_align"],
         "lambda_lb": cfg["loss"]["lambda_lb"], "align_temperature": cfg["loss"]["align_temperature"],
+        "text_features": data["text_features"], "image_features": data["image_features"],
+        "memory": dict(m["memory"]),
     }
 
 
@@ -120,27 +122,7 @@ class Stage:
         self.evaluator = split.evaluator(cfg["seed"])
 
     def _side_info(self, model_class):
-        from .data.features import load_item_features, read_item_tokens
-        from .data.memory import MemoryConfig, build_memory
-        from .model.ur4rec_moe import SideInfo
-
-        data, m = self.cfg["data"], self.cfg["model"]
-        side = SideInfo.empty(len(self.item_tokens), m["text_dim"], m["image_dim"])
-        known = read_item_tokens(Path(data["path"]) / data["dataset"] / f"{data['dataset']}.item")
-        if data["text_features"]:
-            side.text, side.text_available = load_item_features(
-                data["text_features"], self.item_tokens, m["text_dim"], known)
-        if data["image_features"]:
-            side.image, side.image_available = load_item_features(
-                data["image_features"], self.item_tokens, m["image_dim"], known)
-        if m["experts"]:
-            parts = [torch.nn.functional.normalize(f, dim=1) for f, a in
-                     ((side.image, side.image_available), (side.text, side.text_available)) if a.any()]
-            features = torch.cat(parts, dim=1) if parts else torch.zeros(len(self.item_tokens), 1)
-            memory = build_memory(self.dataset.sequence_offsets, self.dataset.sequence_items,
-                                  features.numpy(), MemoryConfig(**m["memory"]))
-            side.memory = torch.from_numpy(memory)
-        return side
+        return self.dataset.side_info()  # from the settings above: data.*_features, model.memory
 
     def describe(self) -> str:
         from . import stages

@@ -1,8 +1,11 @@
-"""RecBole's SequentialDataset, plus each user's full time-ordered sequence.
+"""RecBole's SequentialDataset, plus each user's full time-ordered sequence and the model's side info.
 
 Every sample RecBole builds (train prefix, validation or test target) carries `mem_row`: the row of
 its target in the full-sequence table. The memory, computed once over that table, is then looked
 up for any sample by that row, whatever RecBole's split or truncation did to the item list.
+
+Importing `recbole_ext.model.ur4rec_moe` registers this class as RecBole's `UR4RecMoEDataset`, so
+RecBole's own `create_dataset(config)` builds it for that model.
 """
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
-from ..model.ur4rec_moe import MEM_ROW
+from ..errors import UserError
+from .memory import MemoryConfig
+from .side_info import SideInfo, build_side_info
+
+MEM_ROW = "mem_row"  # interaction field: the row of the memory table for this target position
 
 
 class UR4RecDataset(SequentialDataset):
@@ -32,3 +39,19 @@ class UR4RecDataset(SequentialDataset):
         self.set_field_property(MEM_ROW, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
         self.inter_feat.update(Interaction({MEM_ROW: torch.arange(len(self.inter_feat))}))
         super().data_augmentation()
+
+    def side_info(self) -> SideInfo:
+        """The features and memory the config asks for: `text_features` / `image_features` (`.npz`
+        paths, None = absent) of widths `text_dim` / `image_dim`, and, with `experts` on, the memory
+        with the `memory` settings (keys of `MemoryConfig`; missing ones take its defaults)."""
+        config = self.config
+        memory = None
+        if config["experts"]:
+            settings = config["memory"] or {}
+            unknown = sorted(set(settings) - set(MemoryConfig.__dataclass_fields__))
+            if unknown:
+                raise UserError(f"memory: unknown key(s) {unknown}; the memory settings are "
+                                f"{sorted(MemoryConfig.__dataclass_fields__)}")
+            memory = MemoryConfig(**settings)
+        return build_side_info(self, config["text_features"], config["image_features"], config["text_dim"],
+                               config["image_dim"], memory)

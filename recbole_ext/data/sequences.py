@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model.ur4rec_moe import MEM_ROW
+from .dataset import MEM_ROW
 
 
 @dataclass

@@ -9,21 +9,42 @@ checkpoint is a SASRec checkpoint and stage-1 scores are SASRec's scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import compat
+from ..data.dataset import MEM_ROW, UR4RecDataset
+from ..data.memory import MemoryConfig
+from ..data.side_info import SideInfo
+from ..errors import UserError
 from .experts import AlignGating, Expert, Fusion, Router
 
 SASRec = compat.import_sasrec()
 
-MEM_ROW = "mem_row"  # interaction field: the row of the memory table for this target position
 # Parameter groups `encode` reads: when none of them trains, a position's backbone output is fixed
 # for the whole stage and can be computed once (stage 2; see federated/backbone_cache.py).
 BACKBONE_GROUPS = ("item_embedding", "position_embedding", "LayerNorm", "trm_encoder")
+# Every RecBole config key the model and its dataset read, with its default: `yamls/base.yaml`'s model
+# section (and its feature paths and loss weights) under the names `pipeline.recbole_settings` gives
+# them; tests/test_recbole_script.py checks the two agree. `loss_type` and `train_neg_sample_args` are
+# RecBole's: `calculate_loss` is the full softmax (CE), which needs no sampled negatives. A stock
+# RecBole `Config(model=UR4RecMoE)` gets them through `compat.register_model` (bottom of this file).
+DEFAULTS = {
+    "n_layers": 2, "n_heads": 2, "hidden_size": 128, "inner_size": 256, "hidden_dropout_prob": 0.2,
+    "attn_dropout_prob": 0.2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "initializer_range": 0.02,
+    "loss_type": "CE", "train_neg_sample_args": None,
+    "text_dim": 384, "image_dim": 512, "align": False, "experts": False, "align_beta": 1.0, "gating_init": 0.0,
+    "projector_init_gain": 1.0, "expert_heads": 2, "align_dropout_prob": 0.1,
+    "rec_loss": "sampled_softmax", "lambda_align": 0.1, "lambda_lb": 0.01, "align_temperature": 0.1,
+    "text_features": None, "image_features": None, "memory": asdict(MemoryConfig()),
+}
+# Full-catalogue scoring with align or experts on builds [rows, n_items, H] tensors: rows are taken in
+# chunks of about this many elements per such tensor, so memory stays bounded at any batch size.
+SCORE_CHUNK_ELEMENTS = 2 ** 23
 
 
 def per_item(fn, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -34,27 +55,12 @@ def per_item(fn, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return fn(table)[candidates]
 
 
-@dataclass
-class SideInfo:
-    """Frozen per-item features and the per-user memory table, aligned to internal item ids."""
-
-    text: torch.Tensor             # [n_items, text_dim]
-    text_available: torch.Tensor   # [n_items] bool
-    image: torch.Tensor            # [n_items, image_dim]
-    image_available: torch.Tensor  # [n_items] bool
-    memory: torch.Tensor           # [rows, K] item ids, 0 = empty slot
-
-    @classmethod
-    def empty(cls, n_items: int, text_dim: int, image_dim: int) -> "SideInfo":
-        no = torch.zeros(n_items, dtype=torch.bool)
-        return cls(torch.zeros(n_items, text_dim), no, torch.zeros(n_items, image_dim), no.clone(),
-                   torch.zeros(1, 0, dtype=torch.long))
-
-
 class UR4RecMoE(SASRec):
     r"""SASRec plus align gating (stage 2) and memory experts (stage 3), one forward for all stages."""
 
     def __init__(self, config, dataset, side: SideInfo | None = None):
+        """`side`: the item features and memory; None takes them from `dataset.side_info()` (a
+        `UR4RecDataset`, which reads the config's `text_features`, `image_features` and `memory`)."""
         super().__init__(config, dataset)
         hidden = self.hidden_size
         self.use_align = bool(config["align"])
@@ -65,7 +71,13 @@ class UR4RecMoE(SASRec):
         self.lambda_lb = float(config["lambda_lb"])
         self.align_temperature = float(config["align_temperature"])
 
-        side = side or SideInfo.empty(self.n_items, config["text_dim"], config["image_dim"])
+        side = self._side_info(config, dataset) if side is None else side
+        if (self.use_align or self.use_experts) and not (side.text_available.any() or side.image_available.any()):
+            # Otherwise the projectors, gating and experts would train on zero vectors and score nothing.
+            raise UserError("UR4RecMoE with align or experts on needs item features, and no item has any: set "
+                            "the config key text_features (.npz with `ids`, `emb` [n, text_dim]) and/or "
+                            "image_features (`emb` [n, image_dim]); in a stage file, data.text_features / "
+                            "data.image_features")
         self.register_buffer("text_feat", side.text.float(), persistent=False)
         self.register_buffer("image_feat", side.image.float(), persistent=False)
         available = torch.stack([side.image_available, side.text_available], dim=1)
@@ -88,6 +100,16 @@ class UR4RecMoE(SASRec):
         for proj in (self.visual_proj, self.text_proj):
             nn.init.xavier_uniform_(proj.weight, gain=float(config["projector_init_gain"]))
             nn.init.zeros_(proj.bias)
+
+    def _side_info(self, config, dataset) -> SideInfo:
+        if isinstance(dataset, UR4RecDataset):
+            return dataset.side_info()
+        if self.use_align or self.use_experts:
+            raise UserError(f"UR4RecMoE with align or experts on reads item features and each user's memory from "
+                            f"its dataset, but got a {type(dataset).__name__}: build it with RecBole's "
+                            f"create_dataset(config) after importing recbole_ext.model.ur4rec_moe, or with "
+                            f"recbole_ext.data.dataset.UR4RecDataset(config)")
+        return SideInfo.empty(self.n_items, config["text_dim"], config["image_dim"])
 
     # ----------------------------------------------------------------- backbone
     def backbone_frozen(self) -> bool:
@@ -185,12 +207,15 @@ class UR4RecMoE(SASRec):
         route = table[torch.cat([targets.unsqueeze(1), negatives], dim=1)].mean(1)  # [P, 2]
         return (route * weight.unsqueeze(1)).sum(0)
 
+    def _rows_per_chunk(self) -> int:
+        return max(1, SCORE_CHUNK_ELEMENTS // (self.n_items * self.hidden_size))
+
     def _score_all_items(self, state, memory):
         """Full-catalogue scores, in row chunks so [rows, n_items, H] tensors stay small."""
         candidates = torch.arange(self.n_items, device=state.device).unsqueeze(0)
         if not (self.use_align or self.use_experts):
             return self.score(state, candidates, memory)[0]
-        rows = max(1, 2 ** 23 // (self.n_items * self.hidden_size))
+        rows = self._rows_per_chunk()
         projections = self.item_projections()
         return torch.cat([self.score(state[i:i + rows], candidates, memory[i:i + rows], projections)[0]
                           for i in range(0, state.shape[0], rows)])
@@ -198,8 +223,15 @@ class UR4RecMoE(SASRec):
     # ----------------------------------------------------------------- RecBole API
     def _last_state(self, interaction):
         state = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        rows = interaction[MEM_ROW] if MEM_ROW in interaction.interaction else None
-        return state, self.memory_ids(rows, state.shape[0])
+        if MEM_ROW in interaction.interaction:
+            return state, self.memory_ids(interaction[MEM_ROW], state.shape[0])
+        if self.use_experts:
+            # Scoring on without it would read an empty memory for every user, silently.
+            raise UserError(f"UR4RecMoE with experts on reads each user's memory through the '{MEM_ROW}' field, "
+                            f"which these interactions lack: build the dataset with RecBole's "
+                            f"create_dataset(config) after importing recbole_ext.model.ur4rec_moe, or with "
+                            f"recbole_ext.data.dataset.UR4RecDataset(config)")
+        return state, self.memory_ids(None, state.shape[0])
 
     def predict(self, interaction):
         state, memory = self._last_state(interaction)
@@ -211,9 +243,34 @@ class UR4RecMoE(SASRec):
 
     def calculate_loss(self, interaction):
         """RecBole's one-target-per-sequence loss (full softmax), so a stock RecBole Trainer can train
-        this model too; the project's trainers use `masked_sequence_loss`."""
+        this model too; the project's trainers use `masked_sequence_loss`.
+
+        With align or experts on, the full-catalogue scores of a batch are [batch, n_items, H] tensors
+        (GBs at RecBole's batch size of 2048), so the batch is taken in row chunks, each under
+        activation checkpointing (recomputed in backward), the way a federated client too large for one
+        pass is trained in parts (`masked_sequence_loss`): each chunk weighs its share of the mean, the
+        align loss comes with the first chunk only, and the load balance, which couples all rows through
+        the router's mean weight, gets that mean from outside.
+        """
         state, memory = self._last_state(interaction)
-        return self._losses(state, interaction[self.POS_ITEM_ID], memory, None)["loss"]
+        target = interaction[self.POS_ITEM_ID]
+        rows = self._rows_per_chunk()
+        if not (self.use_align or self.use_experts) or len(target) <= rows:
+            return self._losses(state, target, memory, None)["loss"]
+        weight = torch.full(target.shape, 1.0 / len(target), dtype=state.dtype, device=state.device)
+        items = torch.unique(target)
+        with torch.no_grad():
+            route_mean = self.mean_route(target, None, weight) if self.use_experts else None
+        loss, lb_parts = 0.0, 0.0
+        for i in range(0, len(target), rows):
+            align = (items, torch.full_like(items, i == 0, dtype=torch.bool))
+            part = checkpoint(self._losses, state[i:i + rows], target[i:i + rows], memory[i:i + rows], None,
+                              weight[i:i + rows], align, route_mean, use_reentrant=False)
+            loss, lb_parts = loss + part["loss"], lb_parts + part["lb_loss"]
+        if self.use_experts:
+            # The parts' load-balance terms have the exact gradient but not the exact value; report it.
+            loss = loss + self.lambda_lb * (((route_mean - 0.5) ** 2).sum() - lb_parts).detach()
+        return loss
 
     # ----------------------------------------------------------------- training losses
     def masked_sequence_loss(self, item_seq, positions, targets, mem_rows, negatives, align_items, align_mask,
@@ -320,3 +377,8 @@ class UR4RecMoE(SASRec):
             active.append(count >= 2)
         active = torch.stack(active).to(target.dtype)
         return (torch.stack(losses) * active).sum() / active.sum().clamp_min(1)
+
+
+# A stock RecBole script that imports this module gets the defaults above from `Config` and this
+# project's dataset (memory rows, features) from `create_dataset`.
+compat.register_model(UR4RecMoE, DEFAULTS, UR4RecDataset)
