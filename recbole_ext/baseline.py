@@ -289,7 +289,7 @@ def main(argv: list[str]) -> None:
                                                         "run_dir the baseline takes, e.g. yamls/stage1.yaml")
     parser.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}, or {POPULARITY} "
                                                         f"(popularity: trains nothing, takes no other option)")
-    parser.add_argument("--epochs", type=int, help="epoch budget (required but for Pop)")
+    parser.add_argument("--epochs", type=int, help="epoch budget (required, except for Pop)")
     parser.add_argument("--max-minutes", type=float, help="time budget for training and validation; the "
                                                           "epoch it ends in is cut short and still validated")
     parser.add_argument("--learning-rate", type=float, help="Adam's learning rate (default: RecBole's, 0.001)")
