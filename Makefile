@@ -1,4 +1,4 @@
-# make demo   - environment, ML-100K data and text features, stages 1-3 federated, one results table
+# make demo   - environment, ML-100K data and text features, stages 1-3 federated, popularity, one results table
 # make test   - environment (if missing), then the test suite
 PYTHON ?= python3
 BIN := .venv/bin
@@ -29,9 +29,11 @@ demo: data
 	$(BIN)/python run.py --config yamls/demo/stage1.yaml --overwrite
 	$(BIN)/python run.py --config yamls/demo/stage2.yaml --overwrite
 	$(BIN)/python run.py --config yamls/demo/stage3.yaml --overwrite
+	$(BIN)/python run.py baseline --config yamls/demo/stage1.yaml --model Pop --set run_dir=runs/demo/popularity --overwrite
 	@echo
 	@echo "ML-100K has no images: stages 2 and 3 ran text-only (visual expert masked)."
-	$(BIN)/python run.py report runs/demo/stage1 runs/demo/stage2 runs/demo/stage3
+	@echo "baseline-pop ranks every item by its training interactions: the floor a model must clear."
+	$(BIN)/python run.py report runs/demo/popularity runs/demo/stage1 runs/demo/stage2 runs/demo/stage3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

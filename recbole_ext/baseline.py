@@ -1,5 +1,6 @@
 """Stock RecBole sequential models (SASRec, GRU4Rec), trained centrally by RecBole's own `Trainer`,
-on exactly the data, leave-one-out split and evaluation of our stage runs.
+on exactly the data, leave-one-out split and evaluation of our stage runs; and popularity (`Pop`,
+popularity.py), which trains nothing and is scored the same way.
 
 The data comes through `pipeline.Split` (the same filtering, split and RecBole training loader of
 every prefix as a stage of the same config), the model is RecBole's class with its own CE loss, and
@@ -24,19 +25,20 @@ from .pipeline import Split, recbole_settings
 from .runs import OPTIONS, atomic_write, check_fresh
 from .training import RoundTrainer
 
-# The config keys each model reads; summary.json records their values.
+# The config keys each trained model reads; summary.json records their values.
 MODELS = {
     "SASRec": ("n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob", "attn_dropout_prob"),
     "GRU4Rec": ("embedding_size", "hidden_size", "num_layers", "dropout_prob"),
 }
+POPULARITY = "Pop"  # items ranked by their training interactions: no training, no options
 
 
 def model_name(text: str) -> str:
     """The canonical model name for `text` (case-insensitive)."""
-    for name in MODELS:
+    for name in (*MODELS, POPULARITY):
         if text.lower() == name.lower():
             return name
-    raise UserError(f"--model {text!r}: not a baseline model; choose one of {', '.join(MODELS)}")
+    raise UserError(f"--model {text!r}: not a baseline model; choose one of {', '.join(MODELS)}, {POPULARITY}")
 
 
 def baseline_settings(cfg: dict, model: str, epochs: int, learning_rate: float | None,
@@ -215,6 +217,31 @@ class Baseline:
         return summary
 
 
+def popularity_run(cfg: dict, where: str, overwrite: bool = False) -> dict:
+    """Score `cfg`'s split by popularity on both protocols, write the run folder, return its summary."""
+    from .model.ur4rec_moe import UR4RecMoE
+    from .popularity import Popularity, training_counts
+    from .runs import RunFolder, machine_info
+
+    started = time.time()
+    # A stage's own model class and settings, so the split and the uni100 negatives are its runs'.
+    split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))
+    evaluator = split.evaluator(cfg["seed"])
+    model = Popularity(training_counts(split))
+    run = RunFolder(cfg["run_dir"])
+    run.create(cfg, overwrite, "baseline")
+    atomic_write(run.path / OPTIONS, lambda p: p.write_text(json.dumps({"model": POPULARITY}) + "\n"))
+    summary = {"stage": None, "name": cfg["name"], "trainer": "none", "model": POPULARITY,
+               "dataset": cfg["data"]["dataset"], "trainable_params": 0, "trainable_groups": {},
+               "best_round": None, "valid": evaluator.evaluate(model, "valid"),
+               "test": evaluator.evaluate(model, "test"), "wall_seconds": round(time.time() - started, 1),
+               "epochs_run": 0, "stopped_by": None,
+               "budget": "none: every item scores its number of training interactions.",
+               "hyperparameters": {}, "seed": cfg["seed"], "machine": machine_info(cfg["device"])}
+    run.write_summary(summary)
+    return summary
+
+
 def _check_budget(epochs, max_minutes, learning_rate, batch_size) -> None:
     if not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"--epochs {epochs!r}: must be a whole number of at least 1")
@@ -246,8 +273,9 @@ def main(argv: list[str]) -> None:
         description="Train a stock RecBole model (centralized) on a stage config's data, split and evaluation.")
     parser.add_argument("--config", required=True, help="stage file whose data, seed, model sizes, eval and "
                                                         "run_dir the baseline takes, e.g. yamls/stage1.yaml")
-    parser.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
-    parser.add_argument("--epochs", type=int, required=True, help="epoch budget")
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}, or {POPULARITY} "
+                                                        f"(popularity: trains nothing, takes no other option)")
+    parser.add_argument("--epochs", type=int, help="epoch budget (required, except for Pop)")
     parser.add_argument("--max-minutes", type=float, help="time budget for training and validation; the "
                                                           "epoch it ends in is cut short and still validated")
     parser.add_argument("--learning-rate", type=float, help="Adam's learning rate (default: RecBole's, 0.001)")
@@ -268,7 +296,16 @@ def main(argv: list[str]) -> None:
     from .report import format_summary
 
     name = model_name(args.model)
-    _check_budget(args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
+    training = {"--epochs": args.epochs, "--max-minutes": args.max_minutes, "--learning-rate": args.learning_rate,
+                "--batch-size": args.batch_size, "--resume": args.resume}
+    if name == POPULARITY:
+        given = [flag for flag, value in training.items() if value is not None]
+        if given:
+            raise UserError(f"--model {POPULARITY} trains nothing: drop {', '.join(given)}")
+    elif args.epochs is None:
+        raise UserError(f"--model {name} needs --epochs (its epoch budget)")
+    else:
+        _check_budget(args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
     # Naming the run first gives it runs/baseline-<model> unless the file or --set chooses a folder.
     cfg = load_config(args.config, [f"name=baseline-{name.lower()}", *args.set]
                       + ([f"run_dir={args.resume}"] if args.resume else []))
@@ -276,9 +313,13 @@ def main(argv: list[str]) -> None:
         check_resumable(cfg)
     else:
         check_fresh(cfg["run_dir"], args.overwrite, "baseline")
-    baseline = Baseline(cfg, args.config, name, args.epochs, args.max_minutes, args.learning_rate, args.batch_size)
-    print(baseline.describe(), flush=True)
-    summary = baseline.run(show_progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
-    print(summary["budget"])
+    if name == POPULARITY:
+        summary = popularity_run(cfg, args.config, args.overwrite)
+    else:
+        baseline = Baseline(cfg, args.config, name, args.epochs, args.max_minutes, args.learning_rate,
+                            args.batch_size)
+        print(baseline.describe(), flush=True)
+        summary = baseline.run(show_progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
+        print(summary["budget"])
     print(format_summary(summary))
     print(f"run folder: {cfg['run_dir']}")

@@ -17,7 +17,8 @@ UNI100_NOTE = ("uni100: the target against 100 negatives drawn uniformly from th
 
 def format_summary(summary: dict) -> str:
     test = summary["test"]
-    lines = [f"test ({summary['name']}, best {summary['best_round']}):"]
+    best = "" if summary["best_round"] is None else f", best {summary['best_round']}"  # None: trains nothing
+    lines = [f"test ({summary['name']}{best}):"]
     for protocol, values in test.items():
         lines.append(f"  {protocol:<7} " + "  ".join(f"{m} {values[m]:.4f}" for m in METRICS))
     return "\n".join(lines)
@@ -37,8 +38,8 @@ def table(run_dirs: list[str]) -> str:
     rows = []
     for run_dir in run_dirs:
         s = read_summary(run_dir)
-        rows.append([s["name"], str(s["stage"])] + [f"{s['test'][p][m]:.4f}" for p in ("full", "uni100")
-                                                    for m in METRICS]
+        stage = "-" if s["stage"] is None else str(s["stage"])  # None: a baseline
+        rows.append([s["name"], stage] + [f"{s['test'][p][m]:.4f}" for p in ("full", "uni100") for m in METRICS]
                     + [f"{s['trainable_params']:,}", f"{s['wall_seconds']:.0f}"])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
