@@ -8,6 +8,7 @@
     python run.py report RUN_DIR [RUN_DIR ...]                         table of finished runs
     python run.py results RUN_DIR ... --out F.json [--plots DIR]       result records, seed table, figures
     python run.py baseline --config FILE --model SASRec --epochs N     stock RecBole model on our split
+    python run.py baseline --config FILE --model Pop                   popularity on the same split
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
     python run.py tune --resume SWEEP_DIR                              continue an interrupted sweep
 """
