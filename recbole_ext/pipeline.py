@@ -107,9 +107,9 @@ class Stage:
         data = cfg["data"]
         split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))
         self.rb_config, self.dataset, self.item_tokens = split.rb_config, split.dataset, split.item_tokens
-        side = self._side_info(UR4RecMoE)
         init_seed(cfg["seed"], True)
-        self.model = UR4RecMoE(self.rb_config, self.dataset, side)
+        # Features and memory come from the dataset (data.*_features, model.memory via recbole_settings).
+        self.model = UR4RecMoE(self.rb_config, self.dataset)
         self.fingerprint = stages.vocabulary_fingerprint(self.item_tokens)
         self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
         stages.apply_trainable(self.model, cfg["trainable"], where)
@@ -120,9 +120,6 @@ class Stage:
         self.trainable = stages.trainable_counts(self.model)
         stages.check_expectations(self.trainable, cfg["expect"], where)
         self.evaluator = split.evaluator(cfg["seed"])
-
-    def _side_info(self, model_class):
-        return self.dataset.side_info()  # from the settings above: data.*_features, model.memory
 
     def describe(self) -> str:
         from . import stages

@@ -128,7 +128,7 @@ def check_fresh(folder: str | Path, overwrite: bool = False, kind: str = "stage 
                else "stage run" if {p.name for p in ours} & {METRICS, SUMMARY, CHECKPOINT, STATE} else None)
     if not overwrite:
         resume = f"continue it with --resume {folder}, " if resumable else ""
-        raise UserError(f"{folder}: holds an earlier {earlier or 'run'} ({listing(_names(ours))}); {resume}"
+        raise UserError(f"{folder}: holds an earlier {earlier or 'run'} ({listing(entry_names(ours))}); {resume}"
                         f"replace it with --overwrite, or {elsewhere}")
     if earlier not in (None, kind):
         raise UserError(f"{folder}: holds a {earlier}, which --overwrite does not replace with a {kind}; "
@@ -143,7 +143,8 @@ def listing(names: list[str], shown: int = 5) -> str:
     return " and ".join(filter(None, [", ".join(names[:-1]), *names[-1:]]))
 
 
-def _names(paths: list[Path]) -> list[str]:
+def entry_names(paths) -> list[str]:
+    """Names of folder entries for a message, a folder's with a trailing slash."""
     return [p.name + ("/" if p.is_dir() else "") for p in paths]
 
 
@@ -166,7 +167,7 @@ def _run_entries(folder: Path) -> tuple[list[Path], list[str]]:
         else:
             theirs.append(name + ("/" if entry.is_dir() else ""))
     if folder / CONFIG not in ours or not _written_for(folder):
-        return [], sorted(theirs + _names(ours))
+        return [], sorted(theirs + entry_names(ours))
     return ours, theirs
 
 

@@ -63,7 +63,7 @@ def gradientless_parameters(model, windows, users: int = 32) -> list[str]:
     parameters are connected to the loss, not by how much); the run's own model and random streams
     are untouched.
     """
-    from .federated.client import backward_in_parts, positions_per_pass
+    from .federated.client import backward_in_parts, default_positions_per_pass
     from .federated.negatives import sample_negatives
 
     probe = copy.deepcopy(model).eval()
@@ -79,7 +79,7 @@ def gradientless_parameters(model, windows, users: int = 32) -> list[str]:
     owner = torch.arange(len(chosen)).unsqueeze(1).expand_as(valid)[valid]
     negatives = sample_negatives(windows.excluded(chosen.tolist()), owner, 8, torch.Generator().manual_seed(0))
     backward_in_parts(probe, windows.inputs[index], targets, windows.mem_rows[index], negatives,
-                      positions_per_pass(probe, {"federated": {}}))
+                      default_positions_per_pass(probe))
     return [name for name, param in probe.named_parameters()
             if param.requires_grad and (param.grad is None or not bool(param.grad.any()))]
 

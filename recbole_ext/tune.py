@@ -27,7 +27,7 @@ from pathlib import Path
 from . import compat  # noqa: F401  (numpy aliases before any RecBole import, in the driver and in trials)
 from .config import dump, get, load_config, with_values
 from .errors import UserError
-from .runs import CHECKPOINT, STATE, listing, read_metrics
+from .runs import CHECKPOINT, STATE, entry_names, listing, read_metrics
 
 SWEEP_CONFIG = "sweep.yaml"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -98,7 +98,7 @@ def _check_new(sweep_dir: Path) -> None:
     if not sweep_dir.exists() or sweep_dir.is_dir() and not any(sweep_dir.iterdir()):
         return
     held = "is a file" if not sweep_dir.is_dir() else "already holds " + listing(
-        sorted(p.name + ("/" if p.is_dir() else "") for p in sweep_dir.iterdir()))
+        entry_names(sorted(sweep_dir.iterdir())))
     resume = f"continue that sweep with run.py tune --resume {sweep_dir}, or " \
         if (sweep_dir / SWEEP_CONFIG).is_file() else ""
     raise UserError(f"{sweep_dir}: the new sweep's folder {held}; {resume}start this sweep under another name "
