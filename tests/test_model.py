@@ -174,11 +174,10 @@ def test_with_both_modalities_nothing_declared_trainable_is_left_out(tmp_path, f
     assert set(stage.trainable) == {n.split(".")[0] for n, _ in stage.model.named_parameters()} - {"item_embedding"}
 
 
-def test_a_frozen_backbone_runs_without_dropout_and_a_training_one_with_it(tmp_path):
+def test_a_frozen_backbone_runs_without_dropout_and_a_training_one_with_it(tmp_path, features):
     sets = ["model.hidden_dropout_prob=0.5", "model.attn_dropout_prob=0.5"]
-    inputs = None
     for stage_file, deterministic in (("stage2.yaml", True), ("stage1.yaml", False)):
-        stage = build(stage_file, tmp_path / stage_file, None, sets)
+        stage = build(stage_file, tmp_path / stage_file, features, sets)
         inputs = stage.windows.inputs[:4]
         stage.model.train()
         with torch.no_grad():
