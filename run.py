@@ -11,6 +11,7 @@
     python run.py baseline --config FILE --model Pop                   popularity on the same split
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
     python run.py tune --resume SWEEP_DIR                              continue an interrupted sweep
+    python run.py ablate RUN_DIR [--split valid]                       what each score term carries
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "results":
             from recbole_ext.results import main as results_main
             results_main(argv[1:])
+        elif argv and argv[0] == "ablate":
+            from recbole_ext.ablate import main as ablate_main
+            ablate_main(argv[1:])
         elif argv and argv[0] == "tune":
             from recbole_ext.tune import main as tune_main
             tune_main(argv[1:])

@@ -60,6 +60,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "model.projector_init_gain": ((float,), False, _positive),
     "model.expert_heads": ((int,), False, _positive),
     "model.align_dropout_prob": ((float,), False, _probability),
+    "model.item_content": ((bool,), False, None),
     "model.memory.st_size": ((int,), False, _non_negative),
     "model.memory.lt_size": ((int,), False, _non_negative),
     "model.memory.st_k": ((int,), False, _non_negative),

@@ -34,7 +34,7 @@ def recbole_settings(cfg: dict) -> dict:
         **{k: m[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
                              "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range",
                              "text_dim", "image_dim", "align", "experts", "align_beta", "gating_init",
-                             "projector_init_gain", "expert_heads", "align_dropout_prob")},
+                             "projector_init_gain", "expert_heads", "align_dropout_prob", "item_content")},
         "rec_loss": cfg["loss"]["type"], "lambda_align": cfg["loss"]["lambda_align"],
         "lambda_lb": cfg["loss"]["lambda_lb"], "align_temperature": cfg["loss"]["align_temperature"],
         "text_features": data["text_features"], "image_features": data["image_features"],

@@ -12,7 +12,8 @@ The variant is inferred from the run's config.yaml:
   * with `model.align` or `model.experts` on, both `data.text_features` and `data.image_features`
     set is "full", text only "text_only", image only "image_only", neither "id_only";
   * `model.memory.st_k + lt_k == 0` with the experts on is "no_memory", joined to the modality part
-    with "+" unless that is "full" (e.g. "text_only+no_memory").
+    with "+" unless that is "full" (e.g. "text_only+no_memory");
+  * `model.item_content` on adds "item_content" the same way (e.g. "text_only+item_content").
 """
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ def _labels(paths: list[Path]) -> list[str]:
 def infer_variant(config: dict, stage: int | None, baseline: bool = False) -> str:
     """The rule in the module docstring."""
     model = config.get("model") or {}
-    if baseline or stage in (None, 1) or not (model.get("align") or model.get("experts")):
+    if baseline or stage in (None, 1) or not (model.get("align") or model.get("experts") or model.get("item_content")):
         return "full"
     data = config.get("data") or {}
     text, image = bool(data.get("text_features")), bool(data.get("image_features"))
@@ -176,9 +177,9 @@ def infer_variant(config: dict, stage: int | None, baseline: bool = False) -> st
                 (False, False): "id_only"}[(text, image)]
     memory = model.get("memory") or {}
     no_memory = bool(model.get("experts")) and memory.get("st_k", 1) + memory.get("lt_k", 1) == 0
-    if not no_memory:
-        return modality
-    return "no_memory" if modality == "full" else f"{modality}+no_memory"
+    parts = [p for p in (modality, "no_memory" if no_memory else "", "item_content" if model.get("item_content")
+                         else "") if p and p != "full"]
+    return "+".join(parts) or "full"
 
 
 def records(run: Run) -> list[dict]:

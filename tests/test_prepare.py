@@ -276,3 +276,72 @@ def test_a_conversion_cut_short_is_redone_with_overwrite(official, capsys):
     assert (official / "data" / "ml-1m" / "ml-1m.inter").is_file()
     prepare.main([*argv, "--movies", str(official / "movies.dat"), "--overwrite"])
     assert len(read_atomic(official / "data" / "ml-1m" / "ml-1m.item")) == 4
+
+
+# ---------------------------------------------------------------- Amazon layout (user item item ... / item words)
+
+def write_amazon(folder: Path, sequences: str, texts: str) -> tuple[Path, Path]:
+    seq, text = folder / "Toy_user_sequence.txt.gz", folder / "Toy_item_text.txt"
+    with gzip.open(seq, "wt", encoding="utf-8") as f:
+        f.write(sequences)
+    text.write_text(texts, encoding="utf-8")
+    return seq, text
+
+
+AMAZON_SEQ = "u1 B2 B1 B3\nu2 B3 B3 B4\n"
+AMAZON_TEXT = "B1 sedu ionic   ceramic flat\nB2 nail lacquer\nB3\nB4 red polish\nB9 never bought\n"
+
+
+def test_amazon_keeps_each_users_order_and_the_item_texts(tmp_path, capsys):
+    seq, text = write_amazon(tmp_path, AMAZON_SEQ, AMAZON_TEXT)
+    prepare.main(["amazon", "--sequences", str(seq), "--item-text", str(text), "--out", str(tmp_path / "data")])
+    folder = tmp_path / "data" / "amazon-toy"
+    inter = read_atomic(folder / "amazon-toy.inter")
+    assert inter.values.tolist() == [["u1", "B2", "0.0"], ["u1", "B1", "1.0"], ["u1", "B3", "2.0"],
+                                     ["u2", "B3", "0.0"], ["u2", "B3", "1.0"], ["u2", "B4", "2.0"]]
+    items = read_atomic(folder / "amazon-toy.item")
+    assert list(items.columns) == ["item_id:token", "title:token_seq"]
+    # only items someone bought; whitespace collapsed; an item without words keeps an empty text
+    assert items.values.tolist() == [["B2", "nail lacquer"], ["B1", "sedu ionic ceramic flat"], ["B3", ""],
+                                     ["B4", "red polish"]]
+    assert "amazon-toy.inter (6 rows)" in capsys.readouterr().out
+    assert prepare.item_texts(folder / "amazon-toy.item")[1] == ["nail lacquer", "sedu ionic ceramic flat", "",
+                                                                  "red polish"]
+
+
+@pytest.mark.parametrize("sequences, texts, message", [
+    ("u1 B1 B2\nu1 B3\n", AMAZON_TEXT, r"Toy_user_sequence.txt.gz, line 2: user 'u1' has a line already"),
+    ("u1 B1\nu2\n", AMAZON_TEXT, r"Toy_user_sequence.txt.gz, line 2: expected 'user item item \.\.\.'"),
+    ("u1 B1 B7\n", AMAZON_TEXT, r"Toy_user_sequence.txt.gz, line 1: item 'B7' has no line in the item text"),
+    (AMAZON_SEQ, "B1 a\nB2 b\nB1 c\n", r"Toy_item_text.txt, line 3: item 'B1' is listed twice"),
+    (AMAZON_SEQ, "B1\ta b\n", r"Toy_item_text.txt, line 1: a tab"),
+])
+def test_amazon_bad_lines_name_the_file_and_line(tmp_path, sequences, texts, message):
+    seq, text = write_amazon(tmp_path, sequences, texts)
+    with pytest.raises(UserError, match=message):
+        prepare.main(["amazon", "--sequences", str(seq), "--item-text", str(text), "--out", str(tmp_path)])
+    assert not (tmp_path / "amazon-toy").exists() or not any((tmp_path / "amazon-toy").glob("*.inter"))
+
+
+def test_amazon_name_must_be_a_folder_name(tmp_path):
+    seq, text = write_amazon(tmp_path, AMAZON_SEQ, AMAZON_TEXT)
+    with pytest.raises(UserError, match="plain folder name"):
+        prepare.main(["amazon", "--sequences", str(seq), "--item-text", str(text), "--name", "../x"])
+
+
+def test_an_item_without_text_gets_no_feature_row(tmp_path):
+    seq, text = write_amazon(tmp_path, AMAZON_SEQ, AMAZON_TEXT)
+    prepare.convert_amazon(seq, text, tmp_path, "toy")
+    prepare.build_text_features(tmp_path / "toy", tmp_path / "text.npz")
+    emb, available = load_item_features(tmp_path / "text.npz", ["[PAD]", "B1", "B2", "B3", "B4"], width=384)
+    assert available.tolist() == [False, True, True, False, True]
+
+
+@pytest.mark.skipif(not (SHARED / "amazon-5core").is_dir(), reason="needs ../shared/data/amazon-5core")
+def test_shared_amazon_beauty_has_the_published_counts(tmp_path):
+    folder = SHARED / "amazon-5core"
+    prepare.convert_amazon(folder / "Beauty_user_sequence.txt.gz", folder / "Beauty_item_text.txt.gz", tmp_path,
+                           "amazon-beauty")
+    inter = read_atomic(tmp_path / "amazon-beauty" / "amazon-beauty.inter")
+    assert (len(inter), inter["user_id:token"].nunique(), inter["item_id:token"].nunique()) == (198_502, 22_363,
+                                                                                              12_101)

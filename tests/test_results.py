@@ -67,6 +67,9 @@ def variant_copy(run_dir, dest, sets):
      "text_only+no_memory"),
     ("stage3.yaml", ["model.memory.st_k=0"], "full"),              # lt_k still reads the memory
     ("stage2.yaml", ["model.memory.st_k=0", "model.memory.lt_k=0"], "full"),  # no experts: memory unused
+    ("stage3.yaml", ["model.item_content=true"], "item_content"),
+    ("stage3.yaml", ["model.item_content=true", "data.image_features=null", "model.memory.st_k=0",
+                     "model.memory.lt_k=0"], "text_only+no_memory+item_content"),
 ])
 def test_variant_rule(tmp_path, features, stage_file, sets, expected):
     cfg = tiny_config(stage_file, tmp_path / "run", features, sets)

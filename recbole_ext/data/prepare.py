@@ -4,6 +4,7 @@ Usage:
     run.py prepare ml100k [--out DIR]
     run.py prepare ml1m [--out DIR] (--ratings ratings.dat --movies movies.dat | --shared DIR)
                         [--min-rating R]
+    run.py prepare amazon --sequences FILE --item-text FILE [--out DIR] [--name NAME]
     run.py prepare text --dataset-dir DIR/NAME --out FILE.npz [--batch-size N]
     run.py prepare import-pt --tensor FILE.pt --dataset-dir DIR/NAME --out FILE.npz
     run.py prepare images --encoder {color_histogram,clip} --images DIR_OR_TAR
@@ -19,6 +20,7 @@ replaces only one that the `prepare.sha256` beside it records as written by prep
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import os
 import shutil
@@ -191,6 +193,90 @@ def convert_ml1m_shared(
     return [written, write_ml1m_items(shared_dir / "movies.dat", out_dir)]
 
 
+# ---------------------------------------------------------------- Amazon (sequence + item text files)
+
+AMAZON_ITEM_HEADER = ["item_id:token", "title:token_seq"]
+
+
+def _text_lines(path: Path):
+    """(line number, line) of a text file, gzipped when its name ends in .gz."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                yield number, line.rstrip("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise UserError(f"{path}: not a readable UTF-8 text file ({type(e).__name__}: {e}).") from e
+
+
+def amazon_name(sequences: str | os.PathLike) -> str:
+    """`Beauty_user_sequence.txt.gz` -> `amazon-beauty`: the default dataset name."""
+    stem = Path(sequences).name.split(".")[0]
+    stem = stem.removesuffix("_user_sequence").removesuffix("_sequence")
+    return "amazon-" + stem.lower().replace("_", "-")
+
+
+def convert_amazon(
+    sequences: str | os.PathLike, item_text: str | os.PathLike, out_dir: str | os.PathLike, name: str
+) -> list[Written]:
+    """Convert a `user item item ...` sequence file and an `item word word ...` text file (the layout
+    of the P5 / IDGenRec Amazon 5-core releases; plain or gzipped) to `out_dir/name/`.
+
+    A user's items are in time order and carry no timestamp, so the timestamp written is the position
+    in the user's line: RecBole only uses it to order each user's interactions, so the order it
+    restores is exactly the file's. Each item's text (the words after its id, maybe none) becomes its
+    `title`, which `prepare text` encodes; an item with no words gets no feature row there, so it is
+    marked as having no text rather than encoded as the empty string.
+    """
+    sequences = _require_file(sequences, "sequence file")
+    item_text = _require_file(item_text, "item text file")
+    texts: dict[str, str] = {}
+    for number, line in _text_lines(item_text):
+        if not line.strip():
+            continue
+        item, _, words = line.strip().partition(" ")
+        if "\t" in line:
+            raise UserError(f"Item text file {item_text}, line {number}: a tab; fields are separated by spaces.")
+        if item in texts:
+            raise UserError(f"Item text file {item_text}, line {number}: item {item!r} is listed twice.")
+        texts[item] = " ".join(words.split())
+
+    users, items, positions, seen = [], [], [], set()
+    for number, line in _text_lines(sequences):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2 or "\t" in line:
+            raise UserError(f"Sequence file {sequences}, line {number}: expected 'user item item ...' "
+                            f"separated by spaces, got {line[:80]!r}.")
+        user, line_items = fields[0], fields[1:]
+        if user in seen:
+            raise UserError(f"Sequence file {sequences}, line {number}: user {user!r} has a line already; each "
+                            f"user's sequence must be on one line.")
+        unknown = [i for i in line_items if i not in texts]
+        if unknown:
+            raise UserError(f"Sequence file {sequences}, line {number}: item {unknown[0]!r} has no line in the "
+                            f"item text file {item_text} (every item needs one, maybe with no words).")
+        seen.add(user)
+        users += [user] * len(line_items)
+        items += line_items
+        positions += range(len(line_items))
+    if not users:
+        raise UserError(f"Sequence file {sequences} has no user lines.")
+
+    folder = Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    inter = pd.DataFrame({"user": users, "item": items, "timestamp": np.asarray(positions, dtype=float)})
+    inter_path = folder / f"{name}.inter"
+    inter.to_csv(inter_path, sep="\t", index=False, header=ML1M_INTER_HEADER)
+    # Only the items someone interacted with: the text file may cover more of the catalogue.
+    used = pd.unique(inter["item"])
+    item_path = folder / f"{name}.item"
+    body = "".join(f"{item}\t{texts[item]}\n" for item in used)
+    item_path.write_text("\t".join(AMAZON_ITEM_HEADER) + "\n" + body, encoding="utf-8")
+    return [Written(inter_path, len(inter)), Written(item_path, len(used))]
+
+
 # ---------------------------------------------------------------- text features
 
 def _column(df: pd.DataFrame, names: Sequence[str]) -> pd.Series | None:
@@ -249,11 +335,17 @@ def _item_file(dataset_dir: str | os.PathLike) -> Path:
 def build_text_features(
     dataset_dir: str | os.PathLike, out: str | os.PathLike, batch_size: int = 64
 ) -> Written:
-    """Encode every item of `dataset_dir/<name>.item` and write the feature file `out`."""
+    """Encode every item of `dataset_dir/<name>.item` that has a text and write the feature file `out`.
+
+    An item whose text is empty gets no row, so the feature loader marks it as having no text: the
+    encoding of the empty string would be the same vector for all of them, a text they do not have.
+    """
     item_file = _require_file(_item_file(dataset_dir), "item file")
     ids, texts = item_texts(item_file)
-    if not ids:
-        raise UserError(f"Item file {item_file} lists no items.")
+    keep = [i for i, text in enumerate(texts) if text.strip()]
+    if not keep:
+        raise UserError(f"Item file {item_file} lists no item with a text.")
+    ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
     return Written(save_item_features(out, ids, encode_texts(texts, batch_size)), len(ids))
 
 
@@ -393,6 +485,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shared", help="folder with ml-1m_interactions.tsv.gz and movies.dat")
     s.add_argument("--min-rating", type=float, default=0, help="keep ratings >= this (default 0)")
 
+    s = sub.add_parser("amazon", help="convert a 'user item item ...' sequence file and an item text file")
+    s.add_argument("--sequences", required=True, help="one line per user: user_id item item ... (time order; .gz ok)")
+    s.add_argument("--item-text", required=True, help="one line per item: item_id word word ... (.gz ok)")
+    s.add_argument("--out", default="data", help="data folder (default: data)")
+    s.add_argument("--name", help="dataset name (default: from the sequence file, Beauty_user_sequence.txt.gz -> "
+                                  "amazon-beauty)")
+
     s = sub.add_parser("text", help="encode item titles and genres with all-MiniLM-L6-v2")
     s.add_argument("--dataset-dir", required=True, help="folder holding <name>.item")
     s.add_argument("--out", required=True, help="feature file to write (.npz)")
@@ -470,8 +569,8 @@ def _record(paths: list[Path]) -> None:
 
 
 def _outputs(args) -> list[Path]:
-    if args.command in ("ml100k", "ml1m"):
-        name = {"ml100k": "ml-100k", "ml1m": "ml-1m"}[args.command]
+    if args.command in ("ml100k", "ml1m", "amazon"):
+        name = {"ml100k": "ml-100k", "ml1m": "ml-1m"}.get(args.command) or args.name
         return [Path(args.out) / name / f"{name}.{ext}" for ext in ("inter", "item")]
     return [Path(args.out)]
 
@@ -483,6 +582,10 @@ def main(argv: list[str]) -> None:
         raise UserError("ml1m: give either --shared or --ratings with --movies, not both.")
     if args.command == "ml1m" and not (args.shared or args.ratings and args.movies):
         raise UserError("ml1m: give --ratings and --movies (official files) or --shared DIR.")
+    if args.command == "amazon":
+        args.name = args.name or amazon_name(args.sequences)
+        if Path(args.name).name != args.name or args.name in (".", ".."):
+            raise UserError(f"amazon: --name {args.name!r} must be a plain folder name (no '/').")
     outputs = _outputs(args)
     _check_outputs(outputs, args.overwrite)
     try:
@@ -495,6 +598,9 @@ def main(argv: list[str]) -> None:
             else:
                 written = convert_ml1m_official(args.ratings, args.movies, args.out, args.min_rating)
             print("wrote " + " and ".join(map(str, written)))
+        elif args.command == "amazon":
+            print("wrote " + " and ".join(map(str, convert_amazon(args.sequences, args.item_text, args.out,
+                                                                 args.name))))
         elif args.command == "text":
             print(f"wrote {build_text_features(args.dataset_dir, args.out, args.batch_size)}")
         elif args.command == "import-pt":

@@ -1,6 +1,10 @@
 """UR4Rec-MoE: a SASRec ID backbone with multimodal experts over a per-user memory.
 
-    u_i = s + beta * A_i + gamma * F_i,    score_i = <u_i, e_i>
+    u_i = s + beta * A_i + gamma * F_i,    score_i = <u_i, e_i>  [+ <s, c_i> with `item_content`]
+
+With the `item_content` option an item's projected content adds to its own score vector,
+c_i = sum over the item's available modalities m of P_m x^m_i (the projectors of stage 2), so an item
+whose ID embedding e_i was trained on a few interactions can still be ranked by what it is.
 
 SASRec: W.-C. Kang and J. McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
 The stage switches (`align` for beta, `experts` for gamma) and the per-user memory follow
@@ -38,7 +42,7 @@ DEFAULTS = {
     "attn_dropout_prob": 0.2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "initializer_range": 0.02,
     "loss_type": "CE", "train_neg_sample_args": None,
     "text_dim": 384, "image_dim": 512, "align": False, "experts": False, "align_beta": 1.0, "gating_init": 0.0,
-    "projector_init_gain": 1.0, "expert_heads": 2, "align_dropout_prob": 0.1,
+    "projector_init_gain": 1.0, "expert_heads": 2, "align_dropout_prob": 0.1, "item_content": False,
     "rec_loss": "sampled_softmax", "lambda_align": 0.1, "lambda_lb": 0.01, "align_temperature": 0.1,
     "text_features": None, "image_features": None, "memory": asdict(MemoryConfig()),
 }
@@ -65,6 +69,7 @@ class UR4RecMoE(SASRec):
         hidden = self.hidden_size
         self.use_align = bool(config["align"])
         self.use_experts = bool(config["experts"])
+        self.use_content = bool(config["item_content"])
         self.beta = float(config["align_beta"])
         self.rec_loss = config["rec_loss"]
         self.lambda_align = float(config["lambda_align"])
@@ -72,9 +77,9 @@ class UR4RecMoE(SASRec):
         self.align_temperature = float(config["align_temperature"])
 
         side = self._side_info(config, dataset) if side is None else side
-        if (self.use_align or self.use_experts) and not (side.text_available.any() or side.image_available.any()):
+        if self.uses_content() and not (side.text_available.any() or side.image_available.any()):
             # Otherwise the projectors, gating and experts would train on zero vectors and score nothing.
-            raise UserError("UR4RecMoE with align or experts on needs item features, and no item has any: set "
+            raise UserError("UR4RecMoE with align, experts or item_content on needs item features, and no item has any: set "
                             "the config key text_features (.npz with `ids`, `emb` [n, text_dim]) and/or "
                             "image_features (`emb` [n, image_dim]); in a stage file, data.text_features / "
                             "data.image_features")
@@ -104,12 +109,16 @@ class UR4RecMoE(SASRec):
     def _side_info(self, config, dataset) -> SideInfo:
         if isinstance(dataset, UR4RecDataset):
             return dataset.side_info()
-        if self.use_align or self.use_experts:
-            raise UserError(f"UR4RecMoE with align or experts on reads item features and each user's memory from "
+        if self.uses_content():
+            raise UserError(f"UR4RecMoE with align, experts or item_content on reads item features and each user's memory from "
                             f"its dataset, but got a {type(dataset).__name__}: build it with RecBole's "
                             f"create_dataset(config) after importing recbole_ext.model.ur4rec_moe, or with "
                             f"recbole_ext.data.dataset.UR4RecDataset(config)")
         return SideInfo.empty(self.n_items, config["text_dim"], config["image_dim"])
+
+    def uses_content(self) -> bool:
+        """True when any score term reads the item features (the projectors take part)."""
+        return self.use_align or self.use_experts or self.use_content
 
     # ----------------------------------------------------------------- backbone
     def backbone_frozen(self) -> bool:
@@ -156,6 +165,13 @@ class UR4RecMoE(SASRec):
         """
         return self.visual_proj(self.image_feat), self.text_proj(self.text_feat)
 
+    def content_vectors(self, projections=None) -> torch.Tensor:
+        """c_i for every item, [n_items, H]: the sum of its available modalities' projected features
+        (an item without a modality gets nothing from it, not the projector's bias)."""
+        all_v, all_t = self.item_projections() if projections is None else projections
+        available = self.available.to(all_v.dtype)
+        return available[:, :1] * all_v + available[:, 1:] * all_t
+
     def route_table(self, projections=None) -> torch.Tensor:
         """The router's (r_v, r_t) for every item, [n_items, 2]: it depends on the item alone."""
         all_v, all_t = self.item_projections() if projections is None else projections
@@ -169,12 +185,16 @@ class UR4RecMoE(SASRec):
         Returns scores [P, N] and a dict of per-candidate gate weights for logging and losses.
         """
         table = self.item_embedding.weight
-        # One matmul against the whole table, then a gather: cheaper than gathering N embeddings per state.
-        scores = (state @ table.T).gather(1, candidates.expand(state.shape[0], -1))
         aux = {}
+        if not self.uses_content():
+            # One matmul against the whole table, then a gather: cheaper than gathering N embeddings per state.
+            return (state @ table.T).gather(1, candidates.expand(state.shape[0], -1)), aux
+        all_v, all_t = self.item_projections() if projections is None else projections
+        # <s, e_i> + <s, c_i> as one matmul against e + c
+        vectors = table + self.content_vectors((all_v, all_t)) if self.use_content else table
+        scores = (state @ vectors.T).gather(1, candidates.expand(state.shape[0], -1))
         if not (self.use_align or self.use_experts):
             return scores, aux
-        all_v, all_t = self.item_projections() if projections is None else projections
         available = self.available[candidates]
         if self.use_align:
             # Whatever depends on the candidate alone is computed per item, then gathered: the
@@ -213,7 +233,7 @@ class UR4RecMoE(SASRec):
     def _score_all_items(self, state, memory):
         """Full-catalogue scores, in row chunks so [rows, n_items, H] tensors stay small."""
         candidates = torch.arange(self.n_items, device=state.device).unsqueeze(0)
-        if not (self.use_align or self.use_experts):
+        if not (self.use_align or self.use_experts):  # a plain matmul: no [rows, n_items, H] tensors
             return self.score(state, candidates, memory)[0]
         rows = self._rows_per_chunk()
         projections = self.item_projections()
