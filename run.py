@@ -7,6 +7,7 @@
     python run.py prepare SUBCOMMAND ...                               build data and feature files
     python run.py report RUN_DIR [RUN_DIR ...]                         table of finished runs
     python run.py results RUN_DIR ... --out F.json [--plots DIR]       result records, seed table, figures
+    python run.py compare RUN_A RUN_B [--split test] [--json F]        two runs user by user, overall and per slice
     python run.py baseline --config FILE --model SASRec --epochs N     stock RecBole model on our split
     python run.py baseline --config FILE --model Pop                   popularity on the same split
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
@@ -71,6 +72,9 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "ablate":
             from recbole_ext.ablate import main as ablate_main
             ablate_main(argv[1:])
+        elif argv and argv[0] == "compare":
+            from recbole_ext.compare import main as compare_main
+            compare_main(argv[1:])
         elif argv and argv[0] == "tune":
             from recbole_ext.tune import main as tune_main
             tune_main(argv[1:])

@@ -23,7 +23,7 @@ from . import compat
 from .errors import UserError
 from .pipeline import Split, recbole_settings
 from .runs import OPTIONS, atomic_write, check_fresh
-from .training import RoundTrainer
+from .training import RoundTrainer, final_evaluation
 
 # The config keys each trained model reads; summary.json records their values.
 MODELS = {
@@ -150,7 +150,7 @@ class Baseline:
         self.split = Split.load(cfg, where, model_class, settings)
         init_seed(cfg["seed"], True)
         self.model = model_class(self.split.rb_config, self.split.train.dataset).to(self.split.rb_config["device"])
-        self.evaluator = self.split.evaluator(cfg["seed"])
+        self.evaluator = self.split.evaluator(cfg)
         self.groups: dict[str, int] = {}
         for name, param in self.model.named_parameters():
             self.groups[stages.group_of(name)] = self.groups.get(stages.group_of(name), 0) + param.numel()
@@ -200,7 +200,7 @@ class Baseline:
             trainer.resume_from(state)
             earlier_seconds = sum(record["seconds"] for record in trainer.records)
         trainer.fit(self.split.train, self.evaluator, show_progress=show_progress)
-        test = trainer.evaluate(self.evaluator)
+        final = trainer.evaluate(self.evaluator)
         stopped = trainer.stop_reason() if trainer.records else None
         # what a script reads to decide whether to resume: "time" goes on with the same command
         stopped_by = None if not stopped else "time" if trainer.out_of_time() else "patience"
@@ -209,7 +209,8 @@ class Baseline:
         summary = {"stage": None, "name": cfg["name"], "trainer": "centralized", "model": self.model_name,
                    "dataset": cfg["data"]["dataset"], "trainable_params": sum(self.groups.values()),
                    "trainable_groups": self.groups, "best_round": trainer.best_round, "valid": trainer.best_valid,
-                   "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
+                   "test": final["test"].metrics, "slices": {s: r.slices() for s, r in final.items()},
+                   "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
                    "epochs_run": trainer.completed, "stopped_by": stopped_by, "budget": budget,
                    "hyperparameters": self.hyperparameters(), "seed": cfg["seed"],
                    "machine": machine_info(cfg["device"])}
@@ -226,15 +227,16 @@ def popularity_run(cfg: dict, where: str, overwrite: bool = False) -> dict:
     started = time.time()
     # A stage's own model class and settings, so the split and the uni100 negatives are its runs'.
     split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))
-    evaluator = split.evaluator(cfg["seed"])
+    evaluator = split.evaluator(cfg)
     model = Popularity(training_counts(split))
     run = RunFolder(cfg["run_dir"])
     run.create(cfg, overwrite, "baseline")
     atomic_write(run.path / OPTIONS, lambda p: p.write_text(json.dumps({"model": POPULARITY}) + "\n"))
+    final = final_evaluation(evaluator, model, run)
     summary = {"stage": None, "name": cfg["name"], "trainer": "none", "model": POPULARITY,
                "dataset": cfg["data"]["dataset"], "trainable_params": 0, "trainable_groups": {},
-               "best_round": None, "valid": evaluator.evaluate(model, "valid"),
-               "test": evaluator.evaluate(model, "test"), "wall_seconds": round(time.time() - started, 1),
+               "best_round": None, "valid": final["valid"].metrics, "test": final["test"].metrics,
+               "slices": {s: r.slices() for s, r in final.items()}, "wall_seconds": round(time.time() - started, 1),
                "epochs_run": 0, "stopped_by": None,
                "budget": "none: every item scores its number of training interactions.",
                "hyperparameters": {}, "seed": cfg["seed"], "machine": machine_info(cfg["device"])}

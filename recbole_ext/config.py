@@ -23,6 +23,11 @@ _fraction = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 _probability = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+def _increasing_counts(value: list) -> bool:
+    return (all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            and all(a < b for a, b in zip(value, value[1:])))
+
+
 def _choice(*options):
     return (lambda v: v in options, f"must be one of {', '.join(options)}")
 
@@ -99,6 +104,9 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "eval.protocol": ((str,), False, _choice("full", "uni100")),
     "eval.patience": ((int,), False, _positive),
     "eval.batch_size": ((int,), False, _positive),
+    "eval.item_count_bins": ((list,), False, (_increasing_counts, "must be whole numbers >= 1 in increasing "
+                                              "order (the lower edges of the bins after 0, e.g. [1, 5, 10, 50])")),
+    "eval.history_quantiles": ((int,), False, _positive),
     "trainable": ((list,), False, None),
     "load": ((list,), False, None),
     "expect.max_trainable_params": ((int,), True, _positive),

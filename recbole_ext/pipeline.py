@@ -82,11 +82,13 @@ class Split:
             raise UserError(f"{inter}: {len(item_tokens) - 1} items; ranking metrics at {TOP_K} need more")
         return cls(rb_config, dataset, train, valid, test, item_tokens)
 
-    def evaluator(self, seed: int):
-        """Both protocols on valid and test; the uni100 negatives depend only on the data and `seed`."""
+    def evaluator(self, cfg: dict):
+        """Both protocols on valid and test, with `cfg`'s slices; the uni100 negatives depend only on
+        the data and the seed."""
         from .evaluation import TwoProtocolEvaluator
 
-        return TwoProtocolEvaluator(self.rb_config, self.dataset, {"valid": self.valid, "test": self.test}, seed)
+        return TwoProtocolEvaluator(self.rb_config, self.dataset, {"valid": self.valid, "test": self.test},
+                                    cfg["seed"], cfg["eval"]["item_count_bins"], cfg["eval"]["history_quantiles"])
 
 
 class Stage:
@@ -119,7 +121,7 @@ class Stage:
         self.gradientless = stages.freeze_gradientless(self.model, self.windows)
         self.trainable = stages.trainable_counts(self.model)
         stages.check_expectations(self.trainable, cfg["expect"], where)
-        self.evaluator = split.evaluator(cfg["seed"])
+        self.evaluator = split.evaluator(cfg)
 
     def describe(self) -> str:
         from . import stages
@@ -158,12 +160,13 @@ class Stage:
             run.write_config(cfg)  # a grown budget is now the one a later resume must match
             earlier_seconds = sum(record["seconds"] for record in trainer.records)
         trainer.fit(self.windows, self.evaluator, show_progress=show_progress, callback_fn=callback_fn)
-        test = trainer.evaluate(self.evaluator)
+        final = trainer.evaluate(self.evaluator)
         summary = {"stage": cfg["stage"], "name": cfg["name"], "trainer": cfg["trainer"], "model": "UR4Rec-MoE",
                    "seed": cfg["seed"], "dataset": cfg["data"]["dataset"],
                    "trainable_params": sum(self.trainable.values()), "trainable_groups": self.trainable,
                    "best_round": trainer.best_round, "rounds_run": trainer.completed, "valid": trainer.best_valid,
-                   "test": test, "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
+                   "test": final["test"].metrics, "slices": {s: r.slices() for s, r in final.items()},
+                   "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
                    "machine": machine_info()}
         run.write_summary(summary)
         return summary

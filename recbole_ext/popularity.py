@@ -10,14 +10,10 @@ import torch
 
 
 def training_counts(split) -> torch.Tensor:
-    """[n_items] int64: each item's interactions in the training split of `split` (a pipeline.Split).
-    Leave-one-out holds out each user's last two interactions, the validation and the test targets;
-    all the others are training interactions."""
-    dataset, n_items = split.dataset, split.dataset.item_num
-    counts = torch.bincount(torch.from_numpy(dataset.sequence_items), minlength=n_items)
-    for held_out in (split.valid, split.test):
-        counts -= torch.bincount(held_out.dataset.inter_feat[dataset.iid_field], minlength=n_items)
-    return counts
+    """[n_items] int64: each item's interactions in the training split of `split` (a pipeline.Split)."""
+    from .evaluation import training_counts as counts
+
+    return counts(split.dataset, (split.valid.dataset, split.test.dataset))[0]
 
 
 class Popularity(torch.nn.Module):

@@ -2,7 +2,8 @@
 figures of docs/RESULTS.md.
 
 One record per (run, protocol, split) with `model`, `trainer`, `stage`, `variant`, `seed`,
-`protocol`, `split` and `metrics` (the summary's numbers), plus context read from the run folder
+`protocol`, `split`, `metrics` (the summary's numbers) and `slices` (slice label -> {users, metrics};
+null for runs written before slices existed), plus context read from the run folder
 (`run`, `dataset`, `trainable_params`, `bytes_up_per_round`, `rounds`, `wall_seconds`, `machine`,
 `finished`), null where the folder does not tell. Runs written before a summary key existed fall
 back to config.yaml and metrics.jsonl.
@@ -59,6 +60,10 @@ def main(argv: list[str]) -> None:
     print(markdown_table(recs))
     print()
     print(compute_table(recs))
+    slices = slice_table(recs)
+    if slices:
+        print()
+        print(slices)
     if args.plots:
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)
@@ -210,13 +215,15 @@ def records(run: Run) -> list[dict]:
         missing = [f"{s}.{p}" for p in PROTOCOLS for s in SPLITS if p not in (run.summary.get(s) or {})]
         if missing:
             raise UserError(f"{run.path / 'summary.json'}: no {', '.join(missing)} metrics")
-        return [{**context, "protocol": p, "split": s, "metrics": run.summary[s][p], **extra}
-                for p in PROTOCOLS for s in SPLITS]
+        slices = run.summary.get("slices") or {}
+        return [{**context, "protocol": p, "split": s, "metrics": run.summary[s][p],
+                 "slices": (slices.get(s) or {}).get(p), **extra} for p in PROTOCOLS for s in SPLITS]
     best = best_validation(run)
     if best is None:
         note(f"{run.path}: unfinished and never validated; no records")
         return []
-    return [{**context, "protocol": p, "split": "valid", "metrics": best["valid"][p], **extra} for p in PROTOCOLS]
+    return [{**context, "protocol": p, "split": "valid", "metrics": best["valid"][p],
+             "slices": (best.get("slices") or {}).get(p), **extra} for p in PROTOCOLS]
 
 
 def best_validation(run: Run) -> dict | None:
@@ -268,6 +275,12 @@ def _mean_std(values: list[float]) -> tuple[float, float | None] | None:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _group_cells(row: dict, several: bool) -> list[str]:
+    return ([str(row["dataset"])] if several else []) + [
+        row["name"] or "–", row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]),
+        row["variant"]]
+
+
 def markdown_table(recs: list[dict]) -> str:
     rows = aggregate(recs)
     several = len({r["dataset"] for r in rows}) > 1
@@ -275,11 +288,48 @@ def markdown_table(recs: list[dict]) -> str:
     head += [f"{p} {METRICS[m]}" for p in PROTOCOLS for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = ([str(row["dataset"])] if several else []) + [
-            row["name"] or "–", row["model"], row["trainer"], "–" if row["stage"] is None else str(row["stage"]), row["variant"]]
+        cells = _group_cells(row, several)
         cells += [_cell(row["cells"][(p, m)], row["n"]) for p in PROTOCOLS for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", UNI100_NOTE])
+
+
+SLICE_METRICS = ("hit@10", "ndcg@10")
+
+
+def slice_table(recs: list[dict]) -> str:
+    """Test HR@10 and NDCG@10 of both protocols per slice (evaluation.py), mean ± std over the seeds of
+    each row of the main table, with the slice's users; "" when no run reports slices."""
+    groups: dict[tuple, dict] = {}
+    for row in aggregate(recs):
+        key = (row["dataset"], row["name"], row["model"], row["trainer"], row["stage"], row["variant"])
+        groups[key] = {"row": row, "slices": {}}
+    for r in recs:
+        if r["split"] != "test" or not r.get("slices"):
+            continue
+        key = (r["dataset"], r.get("name"), r["model"], r["trainer"], r["stage"], r["variant"])
+        for label, part in r["slices"].items():
+            entry = groups[key]["slices"].setdefault(label, {"users": set(), "values": {}})
+            entry["users"].add(part["users"])
+            for m in SLICE_METRICS:
+                entry["values"].setdefault((r["protocol"], m), []).append(part["metrics"][m])
+    if not any(g["slices"] for g in groups.values()):
+        return ""
+    several = len({key[0] for key in groups}) > 1
+    head = (["dataset"] if several else []) + ["config", "model", "trainer", "stage", "variant", "slice", "users"]
+    head += [f"{p} {METRICS[m]}" for p in PROTOCOLS for m in SLICE_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group in groups.values():
+        row = group["row"]
+        for label, entry in group["slices"].items():
+            users = sorted(entry["users"])  # the same in every seed's run of one split, unless max_users differs
+            count = str(users[0]) if len(users) == 1 else f"{users[0]}–{users[-1]}"
+            cells = _group_cells(row, several) + [label, count]
+            cells += [_cell(_mean_std(entry["values"].get((p, m), [])), len(entry["values"].get((p, m), [])))
+                      for p in PROTOCOLS for m in SLICE_METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(["Test metrics per slice (target item's training interactions; user's training-history "
+                      "length):", "", *lines])
 
 
 def compute_table(recs: list[dict]) -> str:

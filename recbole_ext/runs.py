@@ -1,4 +1,4 @@
-"""The run folder: config.yaml, metrics.jsonl, summary.json and checkpoints.
+"""The run folder: config.yaml, metrics.jsonl, summary.json, checkpoints and per-user metrics.
 
 Checkpoints hold tensors and plain metadata only, so they load with `torch.load(weights_only=True)`.
 Files are written to a temporary name and renamed, so an interrupted run never leaves half a file.
@@ -27,9 +27,11 @@ SUMMARY = "summary.json"
 CHECKPOINT = "best.pt"
 STATE = "state.pt"  # resumable training state
 OPTIONS = "baseline.json"  # a baseline's model, options and epoch budget (baseline.py)
+PER_USER = "per_user_{split}.npz"  # each evaluated user's metrics at the end of a run (evaluation.UserMetrics)
 # Everything a run writes into its folder: these files, each also as the `.tmp` that atomic_write
 # renames, and RecBole's TensorBoard event files (its Trainer writes them through compat.writes_into).
-RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, STATE, OPTIONS)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, STATE, OPTIONS,
+             *(PER_USER.format(split=split) for split in ("valid", "test")))
 TENSORBOARD = "log_tensorboard"
 
 
@@ -91,6 +93,10 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.path / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+
+    def write_per_user(self, split: str, values) -> None:
+        """`values`: an evaluation.UserMetrics of `split`."""
+        values.save(self.path / PER_USER.format(split=split))
 
     def save_checkpoint(self, state_dict: dict, meta: dict, name: str = CHECKPOINT) -> Path:
         path = self.path / name

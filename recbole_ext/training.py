@@ -61,7 +61,8 @@ class RoundTrainer(Trainer):
             record = {self.unit: index, **self.unit_record(stats), "trainable_params": self.trainable_params,
                       "bytes_up": bytes_up}
             if index % ev["every"] == 0 or index == self.units():
-                record["valid"] = valid_data.evaluate(self.model, "valid")
+                valid = valid_data.evaluate_users(self.model, "valid")
+                record["valid"], record["slices"] = valid.metrics, valid.slices()
                 score = record["valid"][ev["protocol"]][ev["metric"]]
                 if self.best_score is None or score > self.best_score:
                     self.best_score, self.stale = score, 0
@@ -98,11 +99,13 @@ class RoundTrainer(Trainer):
         return f"no {ev['metric']} gain in {self.stale} validations" if self.stale >= ev["patience"] else None
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        """eval_data: a TwoProtocolEvaluator; scores the test split once, from the best checkpoint."""
+        """eval_data: a TwoProtocolEvaluator. Scores the best checkpoint on valid and on the test split
+        (read once, here), writes their per-user values into the run folder and returns
+        {split: UserMetrics}."""
         if load_best_model:
             state = read_checkpoint(model_file or str(self.run.path / CHECKPOINT))["state_dict"]
             self.model.load_state_dict(state)
-        return eval_data.evaluate(self.model, "test")
+        return final_evaluation(eval_data, self.model, self.run)
 
     # ------------------------------------------------------------------ resumable state
     def extra_state(self) -> dict:
@@ -135,6 +138,16 @@ class RoundTrainer(Trainer):
         if self.finished and self.completed < self.units() and self.stale < self.settings["eval"]["patience"]:
             self.finished = False
         self.load_extra_state(state["extra"])
+
+
+def final_evaluation(evaluator, model, run: RunFolder) -> dict:
+    """{split: UserMetrics} of `model` on valid and test, each split's per-user values written into
+    `run`, so two runs can be compared user by user (compare.py)."""
+    out = {}
+    for split in ("valid", "test"):
+        out[split] = evaluator.evaluate_users(model, split)
+        run.write_per_user(split, out[split])
+    return out
 
 
 def _numpy_global_state():

@@ -232,3 +232,22 @@ def test_stock_baseline_folders(runs, tmp_path):
     for r in recs:
         assert (r["model"], r["trainer"], r["stage"], r["finished"]) == ("SASRec", "centralized", None, False)
         assert r["bytes_up_per_round"] is None
+
+
+@pytest.mark.slow
+def test_records_carry_the_slices_and_the_command_prints_their_table(runs, tmp_path, capsys):
+    folders = [str(runs[k]) for k in ("s1", "s1b", "s3")]
+    recs = [r for run in load_runs(folders) for r in records(run)]
+    for r in recs:
+        s = summary(runs["s1b" if r["run"] == "s1_seed2" else r["run"]])
+        assert r["slices"] == s["slices"][r["split"]][r["protocol"]]
+        assert sum(part["users"] for label, part in r["slices"].items() if label.startswith("item ")) == 30
+    assert run_py.main(["results", *folders, "--out", str(tmp_path / "r.json")]) == 0
+    table = capsys.readouterr().out.split("Test metrics per slice", 1)[1].splitlines()
+    assert table[2].startswith("| config | model | trainer | stage | variant | slice | users | full HR@10 |")
+    label, part = max(summary(runs["s1"])["slices"]["test"]["full"].items(), key=lambda kv: kv[1]["users"])
+    values = [summary(runs[k])["slices"]["test"]["full"][label]["metrics"]["hit@10"] for k in ("s1", "s1b")]
+    row = next(line for line in table if f"| 1 | full | {label} |" in line)
+    expected = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (2 seeds)"
+    assert row.split(" | ")[6:8] == [str(part["users"]), expected]
+    assert any(f"| 3 | full | {label} |" in line for line in table)
