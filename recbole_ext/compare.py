@@ -9,6 +9,7 @@ differences.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,6 +114,17 @@ def markdown(rows: list[dict], run_a, run_b, split: str, resamples: int) -> str:
     return "\n".join(lines)
 
 
+def _edges(text: str) -> tuple[int, ...]:
+    try:
+        edges = tuple(int(e) for e in text.split(","))
+    except ValueError:
+        edges = ()
+    if not edges or edges[0] < 1 or any(x >= y for x, y in zip(edges, edges[1:])):
+        raise UserError(f"--item-count-bins {text!r}: give increasing whole numbers of at least 1, "
+                        f"separated by commas, e.g. 10 or 1,5,10,50")
+    return edges
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="run.py compare",
@@ -123,11 +135,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--split", choices=("test", "valid"), default="test")
     parser.add_argument("--bootstrap", type=int, default=10000, metavar="N", help="resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    parser.add_argument("--item-count-bins", metavar="E,E,...",
+                        help="slice the targets by these lower edges after 0 instead of the runs' own "
+                             "eval.item_count_bins, e.g. 10 for fewer than 10 training interactions and the rest")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
     args = parser.parse_args(argv)
     if args.bootstrap < 1:
         raise UserError(f"--bootstrap {args.bootstrap}: must be at least 1")
     a, b = paired(load(args.run_a, args.split), load(args.run_b, args.split), args.run_a, args.run_b)
+    if args.item_count_bins:
+        bins = _edges(args.item_count_bins)
+        a, b = (dataclasses.replace(r, item_count_bins=bins) for r in (a, b))
     rows = compare(a, b, args.bootstrap, args.seed)
     print(markdown(rows, args.run_a, args.run_b, args.split, args.bootstrap))
     if args.json:

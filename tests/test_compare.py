@@ -90,3 +90,16 @@ def test_a_run_without_per_user_values_is_named(runs, tmp_path, capsys):
     assert run_py.main(["compare", str(old), str(runs / "stage1")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{old}: no per_user_test.npz: the run predates per-user values or is unfinished" in err
+
+
+def test_the_targets_can_be_sliced_at_other_edges(runs, tmp_path):
+    out = tmp_path / "cmp.json"
+    assert run_py.main(["compare", str(runs / "stage1"), str(runs / "pop"), "--bootstrap", "50",
+                        "--item-count-bins", "10", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    items = [r for r in rows if r["slice"].startswith("item ")]
+    assert {r["slice"] for r in items} <= {"item 0-9", "item 10+"}
+    a = load(runs / "stage1", "test")
+    below = (a.item_counts < 10).sum()
+    assert all(r["users"] == (below if r["slice"] == "item 0-9" else 30 - below) for r in items)
+    assert run_py.main(["compare", str(runs / "stage1"), str(runs / "pop"), "--item-count-bins", "10,5"]) == 2
