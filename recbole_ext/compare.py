@@ -34,14 +34,18 @@ def load(run_dir: str | Path, split: str) -> UserMetrics:
     return UserMetrics.load(path)
 
 
-def paired(a: UserMetrics, b: UserMetrics, run_a, run_b) -> tuple[UserMetrics, UserMetrics]:
+def paired(a: UserMetrics, b: UserMetrics, run_a, run_b, common_users: bool = False
+           ) -> tuple[UserMetrics, UserMetrics]:
     """Both runs' values in one user order; a UserError naming both folders unless they evaluated the
-    same users with the same targets and slices."""
+    same users (or, with `common_users`, on the users both evaluated) with the same targets and slices."""
     where = f"{run_a} and {run_b}"
+    common = np.intersect1d(a.users, b.users)
+    if common_users and len(common):
+        a, b = (_only(r, common) for r in (a, b))
     if set(a.users.tolist()) != set(b.users.tolist()):
-        common = len(set(a.users.tolist()) & set(b.users.tolist()))
         raise UserError(f"{where} did not evaluate the same users ({len(a.users)} and {len(b.users)} users, "
-                        f"{common} in common): compare runs of one dataset and split")
+                        f"{len(common)} in common): compare runs of one dataset and split, or give "
+                        f"--common-users when one scored a sample (eval.sample_users)")
     a, b = (_sorted_by_user(r) for r in (a, b))
     differ = np.flatnonzero(a.targets != b.targets)
     if len(differ):
@@ -58,6 +62,12 @@ def paired(a: UserMetrics, b: UserMetrics, run_a, run_b) -> tuple[UserMetrics, U
     if a.names != b.names:
         raise UserError(f"{where} hold different metrics ({', '.join(a.names)} and {', '.join(b.names)})")
     return a, b
+
+
+def _only(r: UserMetrics, users: np.ndarray) -> UserMetrics:
+    keep = np.isin(r.users, users)
+    return dataclasses.replace(r, users=r.users[keep], targets=r.targets[keep], item_counts=r.item_counts[keep],
+                               history=r.history[keep], values={p: v[keep] for p, v in r.values.items()})
 
 
 def _sorted_by_user(r: UserMetrics) -> UserMetrics:
@@ -138,11 +148,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--item-count-bins", metavar="E,E,...",
                         help="slice the targets by these lower edges after 0 instead of the runs' own "
                              "eval.item_count_bins, e.g. 10 for fewer than 10 training interactions and the rest")
+    parser.add_argument("--common-users", action="store_true",
+                        help="compare on the users both runs scored (one scored a sample: eval.sample_users)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
     args = parser.parse_args(argv)
     if args.bootstrap < 1:
         raise UserError(f"--bootstrap {args.bootstrap}: must be at least 1")
-    a, b = paired(load(args.run_a, args.split), load(args.run_b, args.split), args.run_a, args.run_b)
+    a, b = paired(load(args.run_a, args.split), load(args.run_b, args.split), args.run_a, args.run_b,
+                  args.common_users)
     if args.item_count_bins:
         bins = _edges(args.item_count_bins)
         a, b = (dataclasses.replace(r, item_count_bins=bins) for r in (a, b))

@@ -107,6 +107,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "eval.item_count_bins": ((list,), False, (_increasing_counts, "must be whole numbers >= 1 in increasing "
                                               "order (the lower edges of the bins after 0, e.g. [1, 5, 10, 50])")),
     "eval.history_quantiles": ((int,), False, _positive),
+    "eval.sample_users": ((int,), True, _positive),
     "trainable": ((list,), False, None),
     "load": ((list,), False, None),
     "expect.max_trainable_params": ((int,), True, _positive),

@@ -126,6 +126,28 @@ class UserMetrics:
             raise UserError(f"{path}: not a per-user metrics file ({type(err).__name__}: {err})") from None
 
 
+SAMPLE_SEED = 0  # not the run's seed: runs of every seed and stage on one dataset score the same users
+
+
+def user_sample(dataset, evaluated, size: int) -> torch.Tensor:
+    """A bool mask over internal user ids: `size` of the users `evaluated` (a split) holds, drawn without
+    replacement by SAMPLE_SEED (all of them when there are fewer)."""
+    users = torch.unique(evaluated.inter_feat[evaluated.uid_field])  # sorted: the draw ignores row order
+    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    chosen = torch.zeros(dataset.user_num, dtype=torch.bool)
+    chosen[users[order[:size]]] = True
+    return chosen
+
+
+def _restricted(loader, users: torch.Tensor):
+    """A copy of a full-sort evaluation loader over the rows of the users marked in `users`."""
+    from recbole.data.dataloader import FullSortEvalDataLoader
+
+    dataset = loader.dataset
+    part = dataset.copy(dataset.inter_feat[users[dataset.inter_feat[dataset.uid_field]]])
+    return FullSortEvalDataLoader(loader.config, part, loader._sampler, shuffle=False)
+
+
 def per_user_values(evaluator: Evaluator, struct) -> tuple[list[str], np.ndarray]:
     """Metric names and the [n_users, len(names)] values RecBole's metric classes compute for every
     user before averaging them."""
@@ -142,10 +164,14 @@ def per_user_values(evaluator: Evaluator, struct) -> tuple[list[str], np.ndarray
 
 class TwoProtocolEvaluator:
     def __init__(self, recbole_config, dataset, loaders: dict, seed: int, item_count_bins=ITEM_COUNT_BINS,
-                 history_quantiles: int = HISTORY_QUANTILES):
+                 history_quantiles: int = HISTORY_QUANTILES, sample_users: int | None = None):
         """`loaders`: {"valid": FullSortEvalDataLoader, "test": ...}; the training interactions the
-        slices count are the whole sequences less the targets of these splits."""
+        slices count are the whole sequences less the targets of these splits. `sample_users`: score
+        only this many users, the same seeded sample in every run on this data (see `user_sample`)."""
         self.config = recbole_config
+        if sample_users is not None:
+            chosen = user_sample(dataset, next(iter(loaders.values())).dataset, sample_users)
+            loaders = {split: _restricted(loader, chosen) for split, loader in loaders.items()}
         self.loaders = loaders
         self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
         self.n_items = dataset.item_num

@@ -88,7 +88,8 @@ class Split:
         from .evaluation import TwoProtocolEvaluator
 
         return TwoProtocolEvaluator(self.rb_config, self.dataset, {"valid": self.valid, "test": self.test},
-                                    cfg["seed"], cfg["eval"]["item_count_bins"], cfg["eval"]["history_quantiles"])
+                                    cfg["seed"], cfg["eval"]["item_count_bins"], cfg["eval"]["history_quantiles"],
+                                    cfg["eval"]["sample_users"])
 
 
 class Stage:

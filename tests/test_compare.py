@@ -103,3 +103,19 @@ def test_the_targets_can_be_sliced_at_other_edges(runs, tmp_path):
     below = (a.item_counts < 10).sum()
     assert all(r["users"] == (below if r["slice"] == "item 0-9" else 30 - below) for r in items)
     assert run_py.main(["compare", str(runs / "stage1"), str(runs / "pop"), "--item-count-bins", "10,5"]) == 2
+
+
+def test_a_sampled_evaluation_is_compared_on_the_users_both_scored(runs, tmp_path):
+    """eval.sample_users: one fixed sample of users in every run; compare --common-users pairs it with a
+    run that scored everyone."""
+    Stage(tiny_config("smoke.yaml", tmp_path / "sampled", sets=["eval.sample_users=12"]), "t").run(
+        show_progress=False)
+    sampled, whole = load(tmp_path / "sampled", "test"), load(runs / "stage1", "test")
+    assert len(sampled.users) == 12 and set(sampled.users) < set(whole.users)
+    assert np.array_equal(np.sort(load(tmp_path / "sampled", "valid").users), np.sort(sampled.users))
+    with pytest.raises(UserError, match="--common-users"):
+        paired(whole, sampled, "A", "B")
+    a, b = paired(whole, sampled, "A", "B", common_users=True)
+    assert np.array_equal(a.users, b.users) and len(a.users) == 12
+    # the item counts and history lengths of a user do not depend on which users were scored
+    assert np.array_equal(a.item_counts, b.item_counts) and np.array_equal(a.history, b.history)

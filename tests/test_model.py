@@ -211,3 +211,15 @@ def test_a_client_larger_than_the_pass_limit_gets_the_one_pass_gradient(stage_fi
         torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
     for key in ("loss", "rec_loss", "align_loss", "lb_loss"):
         torch.testing.assert_close(part_stats[key], whole_stats[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_without_images_the_skipped_visual_expert_changes_no_score(tmp_path, features):
+    stage = build("stage3.yaml", tmp_path, None, [f"data.text_features={features['text']}", "model.gating_init=0.5"])
+    model = stage.model.eval()
+    assert not model.has_images
+    interaction = next(iter(stage.evaluator.loaders["valid"]))[0]
+    with torch.no_grad():
+        skipped = model.full_sort_predict(interaction)
+        model.has_images = True
+        computed = model.full_sort_predict(interaction)
+    assert torch.equal(skipped, computed)

@@ -130,10 +130,11 @@ class Fusion(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
     def forward(self, state, visual, semantic, route):
-        """state [P, H]; visual, semantic [P, N, H]; route [*, N, 2] -> [P, N, H]."""
+        """state [P, H]; visual (None when no item has an image: r_v is 0 everywhere), semantic [P, N, H];
+        route [*, N, 2] -> [P, N, H]."""
         first = self.mlp[0]
         w_s, w_v, w_t = first.weight.chunk(3, dim=1)
-        per_state = F.linear(self.norm_state(state), w_s, first.bias).unsqueeze(1)  # [P, 1, H]
-        hidden = (per_state + route[..., :1] * F.linear(self.norm_visual(visual), w_v)
-                  + route[..., 1:] * F.linear(self.norm_semantic(semantic), w_t))
-        return self.mlp[1:](hidden)
+        hidden = F.linear(self.norm_state(state), w_s, first.bias).unsqueeze(1)  # [P, 1, H]
+        if visual is not None:
+            hidden = hidden + route[..., :1] * F.linear(self.norm_visual(visual), w_v)
+        return self.mlp[1:](hidden + route[..., 1:] * F.linear(self.norm_semantic(semantic), w_t))

@@ -88,6 +88,9 @@ class UR4RecMoE(SASRec):
         available = torch.stack([side.image_available, side.text_available], dim=1)
         self.register_buffer("available", available.bool(), persistent=False)  # [n_items, 2]: (v, t)
         self.register_buffer("memory", side.memory.long(), persistent=False)
+        # Without any image the router gives the visual expert weight 0 for every item, so its output
+        # (the dearest per-pair work of full ranking after the semantic expert) is skipped: exactly the same scores.
+        self.has_images = bool(side.image_available.any())
 
         self.visual_proj = nn.Linear(side.image.shape[1], hidden)
         self.text_proj = nn.Linear(side.text.shape[1], hidden)
@@ -208,7 +211,7 @@ class UR4RecMoE(SASRec):
             mem_available = self.available[memory] & (memory > 0).unsqueeze(-1)
             # The experts' queries are the candidate's P_v x^v_i and e_i, so their projections are per item.
             visual = self.visual_expert(per_item(self.visual_expert.item_queries, all_v, candidates),
-                                        all_v[memory], mem_available[..., 0])
+                                        all_v[memory], mem_available[..., 0]) if self.has_images else None
             semantic = self.semantic_expert(per_item(self.semantic_expert.item_queries, table, candidates),
                                             all_t[memory], mem_available[..., 1])
             route = self.route_table((all_v, all_t))[candidates]
