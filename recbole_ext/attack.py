@@ -115,12 +115,13 @@ def table(result: dict) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="run.py attack", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--clients", type=int, default=32, help="clients to attack (default 32)")
+    parser.add_argument("--clients", type=int, default=32,
+                        help="clients to attack, also the round's clients (mask partners); default 32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the client sample and tie-breaking")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
     args = parser.parse_args(argv)
-    if args.clients < 1:
-        raise UserError(f"--clients must be >= 1, got {args.clients}")
+    if args.clients < 2:  # they are also the round: one client alone has no mask partner
+        raise UserError(f"--clients must be >= 2, got {args.clients}")
     result = attack(args.run_dir, args.clients, args.seed)
     print(f"{args.run_dir}: stage {result['stage']}, upload {json.dumps(result['upload'])}, "
           f"{result['clients']} clients")
