@@ -3,8 +3,9 @@
 Every backend has `run_round(clients, global_params, round_seed, progress) -> (update, stats)`:
 the FedAvg of the clients' parameter changes (weighted by training targets, or uniform under DP and
 secure aggregation) and the weighted mean loss/gate statistics, with `bytes_up`. Each client's change
-becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the same in every backend. A client's randomness is its own (`client.client_generator`), so the backends
-agree to float rounding for the same seed when dropout is off (tests/test_backends.py).
+becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the same in every
+backend. A client's randomness is its own (`client.client_generator`), so the backends agree to float
+rounding for the same seed when dropout is off (tests/test_backends.py).
 
 * `sequential` (here) is the reference: one client after another on the global model object, with
   the `torch.optim` optimizer of `optim.optimizer`, restoring the global trainable parameters before

@@ -112,7 +112,7 @@ class Uploads:
     def zeros(self, global_params: dict) -> RoundSums:
         if not self.secure:
             return RoundSums.zeros(global_params)
-        return RoundSums({n: torch.zeros(v.shape, dtype=torch.int64) for n, v in global_params.items()},
+        return RoundSums({n: torch.zeros_like(v, dtype=torch.int64) for n, v in global_params.items()},
                          modulus=MODULUS)
 
     def add(self, sums: RoundSums, deltas: dict, clients, weights: torch.Tensor, round_seed: int,
@@ -130,8 +130,8 @@ class Uploads:
             for name, d in deltas.items():
                 upload = encode(weights[c] * d[c])
                 for partner, sign in mask_partners(client, round_clients):
-                    upload = torch.remainder(upload + sign * pair_mask(round_seed, client, partner, d[c].shape),
-                                             MODULUS)
+                    mask = pair_mask(round_seed, client, partner, d[c].shape).to(upload.device)
+                    upload = torch.remainder(upload + sign * mask, MODULUS)
                 sums.update[name] = torch.remainder(sums.update[name] + upload, MODULUS)
 
     def add_summed(self, sums: RoundSums, summed: dict, clients: int, dense_bytes: int) -> None:

@@ -41,7 +41,8 @@ class FederatedTrainer(RoundTrainer):
 
     def round_size(self, users: int) -> int:
         fed = self.settings["federated"]
-        count = round(fed["client_fraction"] * users) if fed["client_fraction"] is not None else fed["clients_per_round"]
+        count = (round(fed["client_fraction"] * users) if fed["client_fraction"] is not None
+                 else fed["clients_per_round"])
         return max(1, min(count, users))
 
     def clients_for_round(self, clients: np.ndarray) -> np.ndarray:

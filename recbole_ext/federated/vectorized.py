@@ -8,7 +8,7 @@ Frozen parameters and buffers are shared, never copied per client. The first loc
 client from the global parameters, so they are passed once (not stacked) and the forward runs plain
 matrix products; with one local step (the default), the optimizer's first step is applied in closed
 form and summed over the cohort at once, so no per-client copy of the parameters or of optimizer
-state is ever made.
+state is ever made (unless a privacy option needs each client's own change: privacy.Uploads).
 
 Shapes: clients are padded to a common number of windows and of trained positions and masked
 (`UR4RecMoE.masked_sequence_loss`). Cohorts are formed from clients sorted by size, so a cohort pads
@@ -168,7 +168,8 @@ class VectorizedBackend:
         sgd = opt["optimizer"] == "sgd"
         if epochs == 1 and not self.uploads.per_client:
             # One step from a fresh optimizer, in closed form, summed over the cohort at once: no
-            # stacked parameter or moment copies.
+            # stacked parameter or moment copies. The privacy options (clipping, masks, sparse rows)
+            # act on each client's own change, so they take the stacked path below.
             first_step_sum = first_sgd_step_sum if sgd else first_adamw_step_sum
             updates = first_step_sum(grads, clip, weights, [global_params[n] for n in names], lr, weight_decay)
             dense_bytes = sum(p.numel() * p.element_size() for p in global_params.values())
