@@ -13,6 +13,7 @@
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
     python run.py tune --resume SWEEP_DIR                              continue an interrupted sweep
     python run.py ablate RUN_DIR [--split valid]                       what each score term carries
+    python run.py attack RUN_DIR [--clients N] [--json F]              what the server learns from one upload
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "ablate":
             from recbole_ext.ablate import main as ablate_main
             ablate_main(argv[1:])
+        elif argv and argv[0] == "attack":
+            from recbole_ext.attack import main as attack_main
+            attack_main(argv[1:])
         elif argv and argv[0] == "compare":
             from recbole_ext.compare import main as compare_main
             compare_main(argv[1:])

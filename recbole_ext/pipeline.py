@@ -99,6 +99,7 @@ class Stage:
         from recbole.utils import init_seed
 
         from .data.sequences import build_training_windows
+        from .federated.privacy import check_settings as check_privacy_settings
         from .model.ur4rec_moe import UR4RecMoE
         from . import stages
 
@@ -118,6 +119,7 @@ class Stage:
         stages.apply_trainable(self.model, cfg["trainable"], where)
         if cfg["trainer"] == "federated":  # a bad server_lr_groups pattern stops the run before it starts
             stages.check_server_rate_patterns(self.model, cfg["federated"], where)
+            check_privacy_settings(cfg, where)
         self.windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
         self.gradientless = stages.freeze_gradientless(self.model, self.windows)
         self.trainable = stages.trainable_counts(self.model)
@@ -168,6 +170,6 @@ class Stage:
                    "best_round": trainer.best_round, "rounds_run": trainer.completed, "valid": trainer.best_valid,
                    "test": final["test"].metrics, "slices": {s: r.slices() for s, r in final.items()},
                    "wall_seconds": round(time.time() - self.started + earlier_seconds, 1),
-                   "machine": machine_info()}
+                   "machine": machine_info(), **trainer.summary_extra()}
         run.write_summary(summary)
         return summary

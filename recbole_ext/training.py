@@ -93,6 +93,10 @@ class RoundTrainer(Trainer):
         """The training fields of a unit's metrics line."""
         return {**_record_stats(stats), "gamma": float(self.model.gamma.detach())}
 
+    def summary_extra(self) -> dict:
+        """Trainer-specific fields of summary.json."""
+        return {}
+
     def stop_reason(self) -> str | None:
         """Why training stops after the unit just trained (None: it goes on to its budget)."""
         ev = self.settings["eval"]

@@ -16,6 +16,8 @@ class RoundSums:
     stats: dict = field(default_factory=dict)    # key -> sum_c w_c * stat_c (loss terms, gate weights)
     weight: float = 0.0                          # sum_c w_c
     clients: int = 0
+    bytes_up: int = 0                            # what the clients sent
+    modulus: int | None = None                   # secure aggregation: `update` holds residues mod this
 
     @classmethod
     def zeros(cls, global_params: dict) -> "RoundSums":
@@ -32,11 +34,15 @@ class RoundSums:
 
     def merge(self, other: "RoundSums") -> "RoundSums":
         for name, value in other.update.items():
-            self.update[name] += value
+            if self.modulus is None:
+                self.update[name] += value
+            else:
+                self.update[name] = (self.update[name] + value).remainder(self.modulus)
         for key, value in other.stats.items():
             self.stats[key] = self.stats.get(key, 0.0) + value
         self.weight += other.weight
         self.clients += other.clients
+        self.bytes_up += other.bytes_up
         return self
 
     def mean(self) -> tuple[dict, dict]:

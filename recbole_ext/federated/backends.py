@@ -1,9 +1,11 @@
 """Execution backends: who trains the round's clients. All return the same aggregated update.
 
 Every backend has `run_round(clients, global_params, round_seed, progress) -> (update, stats)`:
-the FedAvg of the clients' parameter changes (weighted by training targets) and the weighted mean
-loss/gate statistics. A client's randomness is its own (`client.client_generator`), so the backends
-agree to float rounding for the same seed when dropout is off (tests/test_backends.py).
+the FedAvg of the clients' parameter changes (weighted by training targets, or uniform under DP and
+secure aggregation) and the weighted mean loss/gate statistics, with `bytes_up`. Each client's change
+becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the same in every
+backend. A client's randomness is its own (`client.client_generator`), so the backends agree to float
+rounding for the same seed when dropout is off (tests/test_backends.py).
 
 * `sequential` (here) is the reference: one client after another on the global model object, with
   the `torch.optim` optimizer of `optim.optimizer`, restoring the global trainable parameters before
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from ..data.sequences import TrainingWindows
 from .aggregate import RoundSums
 from .client import client_generator, make_optimizer, positions_per_pass, train_step
+from .privacy import Uploads
 
 
 class SequentialBackend:
@@ -27,14 +30,20 @@ class SequentialBackend:
         self.windows = windows
         self.settings = settings
         self.max_positions = positions_per_pass(model, settings)
+        self.uploads = Uploads(settings)
 
     def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
-        """Train each client from `global_params`; return (weighted mean update, weighted mean stats)."""
-        return self.train_clients(clients, global_params, round_seed, progress).mean()
+        """Train each client from `global_params`; return (mean update, weighted mean stats)."""
+        sums = self.train_clients(clients, global_params, round_seed, progress)
+        return self.uploads.server_mean(sums, global_params, round_seed)
 
-    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False) -> RoundSums:
+    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
+                      round_clients=None) -> RoundSums:
+        """The sums of the uploads of `clients`; `round_clients`: all the round's clients (the mask
+        partners; default `clients`)."""
         opt, fed = self.settings["optim"], self.settings["federated"]
-        sums = RoundSums.zeros(global_params)
+        round_clients = clients if round_clients is None else round_clients
+        sums = self.uploads.zeros(global_params)
         params = dict(self.model.named_parameters())
         self.model.train()
         for user in tqdm(clients, desc="clients", leave=False, disable=not progress):
@@ -48,12 +57,12 @@ class SequentialBackend:
             for _ in range(fed["local_epochs"]):
                 step = train_step(self.model, optimizer, self.windows, index, owners, self.settings["loss"],
                                   opt["clip_grad_norm"], generator, self.max_positions)
-            weight = float(self.windows.num_targets[user])
+            weight = self.uploads.weights([self.windows.num_targets[user]])
             with torch.no_grad():
-                for name, value in global_params.items():
-                    sums.update[name] += weight * (params[name] - value)
-            sums.add_stats(step, weight)
-            sums.weight += weight
+                deltas = {name: (params[name] - value).unsqueeze(0) for name, value in global_params.items()}
+                self.uploads.add(sums, deltas, [user], weight, round_seed, round_clients)
+            sums.add_stats(step, float(weight[0]))
+            sums.weight += float(weight[0])
             sums.clients += 1
         with torch.no_grad():
             for name, value in global_params.items():

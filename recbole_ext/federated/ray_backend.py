@@ -24,6 +24,7 @@ import torch
 
 from .aggregate import RoundSums
 from .backbone_cache import BackboneCache
+from .privacy import Uploads
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # recbole_ext/
 
@@ -68,8 +69,8 @@ class _Worker:
             warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
             self.backend.shared_states = torch.from_numpy(states)
 
-    def train(self, global_params: dict, clients: np.ndarray, round_seed: int) -> RoundSums:
-        return self.backend.train_clients(clients, global_params, round_seed)
+    def train(self, global_params: dict, clients: np.ndarray, round_seed: int, round_clients: np.ndarray) -> RoundSums:
+        return self.backend.train_clients(clients, global_params, round_seed, round_clients=round_clients)
 
     def rng_state(self) -> torch.Tensor:
         return torch.get_rng_state()
@@ -106,6 +107,7 @@ class RayBackend:
                                       actor_seed(settings["seed"], index))
                         for index in range(self.workers_count)]
         self._share_states()
+        self.uploads = Uploads(settings)  # the server side: unmasking, noise
 
     def _share_states(self) -> None:
         """Compute (or recompute, if the backbone changed) the stage-2 states and hand them to the actors."""
@@ -120,18 +122,23 @@ class RayBackend:
             self._shared_generation = self.cache.generation
 
     def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
-        return self.train_clients(clients, global_params, round_seed).mean()
+        sums = self.train_clients(clients, global_params, round_seed)
+        return self.uploads.server_mean(sums, global_params, round_seed)
 
-    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False) -> RoundSums:
+    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
+                      round_clients=None) -> RoundSums:
+        """Each actor returns its shard's sums (under secure aggregation still masked: a shard's
+        clients' masks pair with clients of other shards)."""
         import ray
 
         self._share_states()
         clients = np.asarray(clients)
+        round_clients = clients if round_clients is None else np.asarray(round_clients)
         params_ref = ray.put(global_params)  # once per round, fetched by every actor
         shards = shard_clients(clients, self.windows.num_targets[clients].astype(float), self.workers_count)
-        pending = [w.train.remote(params_ref, shard, round_seed) for w, shard in zip(self.workers, shards)
-                   if len(shard)]
-        sums = RoundSums.zeros(global_params)
+        pending = [w.train.remote(params_ref, shard, round_seed, round_clients)
+                   for w, shard in zip(self.workers, shards) if len(shard)]
+        sums = self.uploads.zeros(global_params)
         for part in ray.get(pending):
             sums.merge(part)
         return sums

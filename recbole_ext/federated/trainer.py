@@ -1,6 +1,7 @@
 """Federated training: one client per user, seeded sampling, FedAvg of the trainable parameters,
 applied by a server optimizer (SGD: FedAvg; Adam: FedAdam), at a rate per parameter group
-(`federated.server_lr_groups`)."""
+(`federated.server_lr_groups`). Under `federated.dp` every round's metrics line carries the
+user-level epsilon spent so far (privacy.Accountant)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from ..stages import server_rates
 from ..training import RoundTrainer
 from .backends import BACKENDS
 from .client import round_seed
+from .privacy import Accountant, dp_enabled
 
 
 class FederatedTrainer(RoundTrainer):
@@ -31,15 +33,21 @@ class FederatedTrainer(RoundTrainer):
             groups.setdefault(rates[name], []).append(param)
         self.server_optimizer = server([{"params": params, "lr": lr} for lr, params in groups.items()],
                                        lr=fed["server_lr"])
+        users = len(windows.clients)
+        self.accountant = Accountant(fed, users, self.round_size(users)) if dp_enabled(fed) else None
 
     def units(self) -> int:
         return self.settings["federated"]["rounds"]
 
-    def clients_for_round(self, clients: np.ndarray) -> np.ndarray:
+    def round_size(self, users: int) -> int:
         fed = self.settings["federated"]
-        count = (round(fed["client_fraction"] * len(clients)) if fed["client_fraction"] is not None
+        count = (round(fed["client_fraction"] * users) if fed["client_fraction"] is not None
                  else fed["clients_per_round"])
-        return self.sampler.choice(clients, size=max(1, min(count, len(clients))), replace=False)
+        return max(1, min(count, users))
+
+    def clients_for_round(self, clients: np.ndarray) -> np.ndarray:
+        """A fixed number of clients, without replacement (what the DP accountant assumes)."""
+        return self.sampler.choice(clients, size=self.round_size(len(clients)), replace=False)
 
     def train_unit(self, index, train_data, show_progress):
         clients = self.clients_for_round(train_data.clients)
@@ -53,8 +61,27 @@ class FederatedTrainer(RoundTrainer):
                 param.grad = -update[name]
         self.server_optimizer.step()
         self.server_optimizer.zero_grad(set_to_none=True)
-        bytes_per_client = sum(p.numel() * p.element_size() for p in self.trainable.values())
-        return stats, bytes_per_client * len(clients)
+        bytes_up = stats.pop("bytes_up")
+        if self.accountant is not None:
+            stats["epsilon"] = self.accountant.epsilon(index)
+        return stats, bytes_up
+
+    def unit_record(self, stats: dict) -> dict:
+        record = super().unit_record(stats)
+        if self.accountant is not None:
+            record.update(epsilon=stats["epsilon"], delta=self.accountant.delta)
+        return record
+
+    def summary_extra(self) -> dict:
+        """What the run's privacy options were and what they spent, for summary.json."""
+        fed = self.settings["federated"]
+        privacy = {"secure_aggregation": fed["secure_aggregation"], "sparse_uploads": fed["sparse_uploads"],
+                   "dp": None}
+        if self.accountant is not None:
+            privacy["dp"] = {**fed["dp"], "delta": self.accountant.delta, "rounds": self.completed,
+                             "epsilon": self.accountant.epsilon(self.completed),
+                             "accountant": "dp-accounting RDP, SampledWithoutReplacementDpEvent (replace one user)"}
+        return {"privacy": privacy}
 
     def extra_state(self) -> dict:
         state = {"server_optimizer": self.server_optimizer.state_dict(),

@@ -8,7 +8,7 @@ Frozen parameters and buffers are shared, never copied per client. The first loc
 client from the global parameters, so they are passed once (not stacked) and the forward runs plain
 matrix products; with one local step (the default), the optimizer's first step is applied in closed
 form and summed over the cohort at once, so no per-client copy of the parameters or of optimizer
-state is ever made.
+state is ever made (unless a privacy option needs each client's own change: privacy.Uploads).
 
 Shapes: clients are padded to a common number of windows and of trained positions and masked
 (`UR4RecMoE.masked_sequence_loss`). Cohorts are formed from clients sorted by size, so a cohort pads
@@ -38,6 +38,7 @@ from .aggregate import RoundSums
 from .backbone_cache import BackboneCache
 from .client import ADAM_BETAS, ADAM_EPS, client_generator, decays, positions_per_pass, whole_client_stats
 from .negatives import negatives_from_uniform
+from .privacy import Uploads
 
 MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction
 
@@ -101,12 +102,18 @@ class VectorizedBackend:
         self.shared_states = None
         self.loss_module = _Call(model, "masked_sequence_loss")
         self.route_module = _Call(model, "mean_route")
+        self.uploads = Uploads(settings)
 
     def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
-        return self.train_clients(clients, global_params, round_seed, progress).mean()
+        sums = self.train_clients(clients, global_params, round_seed, progress)
+        return self.uploads.server_mean(sums, global_params, round_seed)
 
-    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False) -> RoundSums:
-        sums = RoundSums.zeros(global_params)
+    def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
+                      round_clients=None) -> RoundSums:
+        """The sums of the uploads of `clients`; `round_clients`: all the round's clients (the mask
+        partners; default `clients`)."""
+        round_clients = clients if round_clients is None else round_clients
+        sums = self.uploads.zeros(global_params)
         cohorts = plan_cohorts(np.asarray(clients), self.windows.num_targets, self.cohort_size,
                                self.cohort_positions)
         # Frozen parameters and buffers, shared by every client (in_dims None below).
@@ -115,11 +122,12 @@ class VectorizedBackend:
         states = self.cache.states() if self.cache is not None else self.shared_states
         self.model.train()
         for cohort in tqdm(cohorts, desc="cohorts", leave=False, disable=not progress):
-            self._train_cohort(cohort, global_params, frozen, states, round_seed, sums)
+            self._train_cohort(cohort, global_params, frozen, states, round_seed, sums, round_clients)
         return sums
 
     # ----------------------------------------------------------------- one cohort
-    def _train_cohort(self, cohort, global_params, frozen, states, round_seed, sums: RoundSums) -> None:
+    def _train_cohort(self, cohort, global_params, frozen, states, round_seed, sums: RoundSums,
+                      round_clients) -> None:
         opt, fed = self.settings["optim"], self.settings["federated"]
         names = list(global_params)
         lr, epochs = opt["learning_rate"], fed["local_epochs"]
@@ -156,13 +164,16 @@ class VectorizedBackend:
             return grads, stats, clip
 
         grads, stats, clip = gradients(global_params, False, 0)
-        weights = torch.as_tensor(self.windows.num_targets[cohort], dtype=torch.float32, device=device)
+        weights = self.uploads.weights(self.windows.num_targets[cohort]).to(device)
         sgd = opt["optimizer"] == "sgd"
-        if epochs == 1:
+        if epochs == 1 and not self.uploads.per_client:
             # One step from a fresh optimizer, in closed form, summed over the cohort at once: no
-            # stacked parameter or moment copies.
+            # stacked parameter or moment copies. The privacy options (clipping, masks, sparse rows)
+            # act on each client's own change, so they take the stacked path below.
             first_step_sum = first_sgd_step_sum if sgd else first_adamw_step_sum
             updates = first_step_sum(grads, clip, weights, [global_params[n] for n in names], lr, weight_decay)
+            dense_bytes = sum(p.numel() * p.element_size() for p in global_params.values())
+            self.uploads.add_summed(sums, dict(zip(names, updates)), len(cohort), dense_bytes)
         else:
             size = len(cohort)
             params = {n: global_params[n].unsqueeze(0).repeat(size, *([1] * global_params[n].ndim)) for n in names}
@@ -179,10 +190,8 @@ class VectorizedBackend:
                 else:
                     adamw_(stacked, grads, exp_avg, exp_avg_sq, step + 1, lr, weight_decay)
             with torch.no_grad():
-                updates = [torch.einsum("c,c...->...", weights.to(value.dtype), value.sub_(global_params[n]))
-                           for n, value in zip(names, stacked)]
-        for name, update in zip(names, updates):
-            sums.update[name] += update
+                deltas = {n: value.sub_(global_params[n]) for n, value in zip(names, stacked)}
+                self.uploads.add(sums, deltas, cohort, weights, round_seed, round_clients)
         sums.add_stats(stats, weights)
         sums.weight += float(weights.sum())
         sums.clients += len(cohort)

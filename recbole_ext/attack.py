@@ -1,0 +1,130 @@
+"""`run.py attack RUN_DIR`: what a curious server learns about one client's history from its upload.
+
+For a sample of clients, the server is handed each client's upload exactly as the run's configuration
+sends it (privacy.Uploads: plain, clipped under DP, masked under secure aggregation, sparse rows), from
+the run's best checkpoint as the global model, in a round the run never trained. It ranks the
+catalogue by how likely each item is in the client's training history, with two scores read off the
+item-embedding rows of the upload:
+
+* `row_norm`: the L2 norm of the item's row. A client's update moves the rows of its inputs and
+  targets (its history) at every position, and those of its sampled negatives once or twice.
+* `row_sent`: 1 if the row is in the upload at all (non-zero, or among a sparse upload's ids), else 0:
+  the touched-row set, history and negatives together.
+
+It reports ROC-AUC (0.5: the upload says nothing) and precision@|history| (ties broken at random),
+averaged over clients. DP noise is added to the sum of a round, never to one upload, so under DP the
+server's view of a client is its clipped update. A stage whose item embedding does not train (stage 2)
+uploads no item rows: nothing to score. The DP noise of the sum and secure aggregation's protection
+against a server that sees only sums are about aggregates, which this single-upload probe does not
+measure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+SCORES = ("row_norm", "row_sent")
+
+
+def server_view(backend, user: int, global_params: dict, round_seed: int, round_clients) -> dict:
+    """name -> what the server holds of `user`'s upload, as floats (masked residues decoded as the
+    server would decode a sum)."""
+    from .federated.privacy import decode
+
+    sums = backend.train_clients([user], global_params, round_seed, round_clients=round_clients)
+    if sums.modulus is None:
+        return sums.update
+    return {name: decode(value, torch.float64) for name, value in sums.update.items()}
+
+
+def item_scores(rows: torch.Tensor) -> dict:
+    """Per item (row 1.. of the item-embedding upload): each score of SCORES."""
+    rows = rows[1:].double()
+    return {"row_norm": rows.norm(dim=1).numpy(), "row_sent": rows.ne(0).any(1).double().numpy()}
+
+
+def auc_and_precision(score: np.ndarray, in_history: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    from sklearn.metrics import roc_auc_score
+
+    k = int(in_history.sum())
+    order = np.lexsort((rng.random(len(score)), -score))  # by score, ties in random order
+    return float(roc_auc_score(in_history, score)), float(in_history[order[:k]].mean())
+
+
+def attack(run_dir: str, clients: int = 32, seed: int = 0) -> dict:
+    from .config import load_config
+    from .federated.backends import SequentialBackend
+    from .federated.client import round_seed
+    from .federated.privacy import ITEM_ROWS
+    from .pipeline import Stage
+    from .runs import CHECKPOINT, CONFIG
+    from .stages import read_checkpoint
+
+    folder = Path(run_dir)
+    if not (folder / CONFIG).is_file() or not (folder / CHECKPOINT).is_file():
+        raise UserError(f"{folder}: not a run folder with a best checkpoint ({CONFIG} and {CHECKPOINT})")
+    cfg = load_config(folder / CONFIG, ["load=[]"], saved=True)
+    if cfg["trainer"] != "federated":
+        raise UserError(f"{folder}: a {cfg['trainer']} run uploads nothing; the attack needs a federated run")
+    stage = Stage(cfg, str(folder / CONFIG))
+    stage.model.load_state_dict(read_checkpoint(str(folder / CHECKPOINT))["state_dict"])
+    fed = cfg["federated"]
+    setting = {"secure_aggregation": fed["secure_aggregation"], "sparse_uploads": fed["sparse_uploads"],
+               "dp": fed["dp"] if fed["dp"]["clip_norm"] is not None else None}
+    out = {"run": str(folder), "stage": cfg["stage"], "seed": seed, "upload": setting, "clients": 0, "scores": {}}
+    global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
+    if ITEM_ROWS not in global_params:
+        out["note"] = f"{ITEM_ROWS} does not train in this stage: the upload holds no item rows to score"
+        return out
+    rng = np.random.default_rng(seed)
+    pool = stage.windows.clients
+    sample = np.sort(rng.choice(pool, size=min(clients, len(pool)), replace=False))
+    # Every backend uploads the same update (tests/test_backends.py); the reference one is enough here.
+    backend = SequentialBackend(stage.model, stage.windows, cfg)
+    seed_of_round = round_seed(cfg["seed"], fed["rounds"] + 1)
+    values = {name: [] for name in SCORES}
+    for user in sample:
+        view = server_view(backend, int(user), global_params, seed_of_round, sample)
+        in_history = np.zeros(stage.windows.n_items - 1, dtype=bool)
+        in_history[stage.windows.history[user] - 1] = True
+        if in_history.all():
+            continue
+        for name, score in item_scores(view[ITEM_ROWS]).items():
+            values[name].append(auc_and_precision(score, in_history, rng))
+    out["clients"] = len(values[SCORES[0]])
+    for name, pairs in values.items():
+        auc, precision = np.array(pairs).T
+        out["scores"][name] = {"auc": float(auc.mean()), "auc_std": float(auc.std()),
+                               "precision_at_history": float(precision.mean())}
+    return out
+
+
+def table(result: dict) -> str:
+    lines = ["| score | ROC-AUC (mean ± std) | precision@|history| |", "|---|---|---|"]
+    for name, s in result["scores"].items():
+        lines.append(f"| {name} | {s['auc']:.3f} ± {s['auc_std']:.3f} | {s['precision_at_history']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="run.py attack", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--clients", type=int, default=32,
+                        help="clients to attack, also the round's clients (mask partners); default 32")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the client sample and tie-breaking")
+    parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
+    args = parser.parse_args(argv)
+    if args.clients < 2:  # they are also the round: one client alone has no mask partner
+        raise UserError(f"--clients must be >= 2, got {args.clients}")
+    result = attack(args.run_dir, args.clients, args.seed)
+    print(f"{args.run_dir}: stage {result['stage']}, upload {json.dumps(result['upload'])}, "
+          f"{result['clients']} clients")
+    print(result["note"] if "note" in result else table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
