@@ -169,15 +169,16 @@ class TwoProtocolEvaluator:
         slices count are the whole sequences less the targets of these splits. `sample_users`: score
         only this many users, the same seeded sample in every run on this data (see `user_sample`)."""
         self.config = recbole_config
+        self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
+        self.n_items = dataset.item_num
+        self.item_count_bins, self.history_quantiles = tuple(item_count_bins), history_quantiles
+        # from every user's held-out targets, before any sampling: they are not training interactions
+        self.item_counts, self.history = (c.numpy() for c in training_counts(
+            dataset, [loader.dataset for loader in loaders.values()]))
         if sample_users is not None:
             chosen = user_sample(dataset, next(iter(loaders.values())).dataset, sample_users)
             loaders = {split: _restricted(loader, chosen) for split, loader in loaders.items()}
         self.loaders = loaders
-        self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
-        self.n_items = dataset.item_num
-        self.item_count_bins, self.history_quantiles = tuple(item_count_bins), history_quantiles
-        self.item_counts, self.history = (c.numpy() for c in training_counts(
-            dataset, [loader.dataset for loader in loaders.values()]))
         excluded = torch.zeros(dataset.user_num, self.n_items, dtype=torch.bool)
         excluded[:, 0] = True
         users = torch.repeat_interleave(torch.arange(dataset.user_num),

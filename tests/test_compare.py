@@ -108,8 +108,12 @@ def test_the_targets_can_be_sliced_at_other_edges(runs, tmp_path):
 def test_a_sampled_evaluation_is_compared_on_the_users_both_scored(runs, tmp_path):
     """eval.sample_users: one fixed sample of users in every run; compare --common-users pairs it with a
     run that scored everyone."""
-    Stage(tiny_config("smoke.yaml", tmp_path / "sampled", sets=["eval.sample_users=12"]), "t").run(
-        show_progress=False)
+    stage = Stage(tiny_config("smoke.yaml", tmp_path / "sampled", sets=["eval.sample_users=12"]), "t")
+    full = Stage(tiny_config("smoke.yaml", tmp_path / "unused"), "t")
+    # a sample changes whom is scored, not what counts as a training interaction
+    assert np.array_equal(stage.evaluator.item_counts, full.evaluator.item_counts)
+    assert np.array_equal(stage.evaluator.history, full.evaluator.history)
+    stage.run(show_progress=False)
     sampled, whole = load(tmp_path / "sampled", "test"), load(runs / "stage1", "test")
     assert len(sampled.users) == 12 and set(sampled.users) < set(whole.users)
     assert np.array_equal(np.sort(load(tmp_path / "sampled", "valid").users), np.sort(sampled.users))
