@@ -9,7 +9,7 @@ null for runs written before slices existed), plus context read from the run fol
 back to config.yaml and metrics.jsonl.
 
 The variant is inferred from the run's config.yaml:
-  * stage 1, and any stock baseline, is "full": the ID model is the whole model there;
+  * stage 1 (without `model.item_content`) and any stock baseline is "full": the ID model is the whole model there;
   * with `model.align` or `model.experts` on, both `data.text_features` and `data.image_features`
     set is "full", text only "text_only", image only "image_only", neither "id_only";
   * `model.memory.st_k + lt_k == 0` with the experts on is "no_memory", joined to the modality part
@@ -174,7 +174,8 @@ def _labels(paths: list[Path]) -> list[str]:
 def infer_variant(config: dict, stage: int | None, baseline: bool = False) -> str:
     """The rule in the module docstring."""
     model = config.get("model") or {}
-    if baseline or stage in (None, 1) or not (model.get("align") or model.get("experts") or model.get("item_content")):
+    content = bool(model.get("item_content"))
+    if baseline or (stage in (None, 1) and not content) or not (model.get("align") or model.get("experts") or content):
         return "full"
     data = config.get("data") or {}
     text, image = bool(data.get("text_features")), bool(data.get("image_features"))
@@ -182,8 +183,8 @@ def infer_variant(config: dict, stage: int | None, baseline: bool = False) -> st
                 (False, False): "id_only"}[(text, image)]
     memory = model.get("memory") or {}
     no_memory = bool(model.get("experts")) and memory.get("st_k", 1) + memory.get("lt_k", 1) == 0
-    parts = [p for p in (modality, "no_memory" if no_memory else "", "item_content" if model.get("item_content")
-                         else "") if p and p != "full"]
+    parts = [p for p in (modality, "no_memory" if no_memory else "", "item_content" if content else "")
+             if p and p != "full"]
     return "+".join(parts) or "full"
 
 

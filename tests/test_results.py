@@ -68,6 +68,7 @@ def variant_copy(run_dir, dest, sets):
     ("stage3.yaml", ["model.memory.st_k=0"], "full"),              # lt_k still reads the memory
     ("stage2.yaml", ["model.memory.st_k=0", "model.memory.lt_k=0"], "full"),  # no experts: memory unused
     ("stage3.yaml", ["model.item_content=true"], "item_content"),
+    ("stage1.yaml", ["model.item_content=true", "data.image_features=null"], "text_only+item_content"),
     ("stage3.yaml", ["model.item_content=true", "data.image_features=null", "model.memory.st_k=0",
                      "model.memory.lt_k=0"], "text_only+no_memory+item_content"),
 ])
