@@ -123,7 +123,8 @@ def test_chunked_loss_and_gradients_equal_the_whole_batch(switches, text_file, m
     for name, grad in whole[1].items():
         torch.testing.assert_close(chunked[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
     if switches == STAGE3:
-        assert {n.split(".")[0] for n in whole[1]} >= {"visual_expert", "semantic_expert", "router", "fusion", "gamma"}
+        # text only: the visual expert is skipped (the router gives it weight 0), so it has no gradient at all
+        assert {n.split(".")[0] for n in whole[1]} >= {"semantic_expert", "router", "fusion", "gamma"}
 
 
 def readme_script() -> str:
