@@ -19,27 +19,28 @@ from .errors import UserError
 METRICS = ("hit@10", "ndcg@10")
 
 
+def _term(model, term: str, value=None):
+    """The value that switches `term` on or off (gamma, beta, use_content); sets it when `value` is given."""
+    if term == "experts":
+        if value is not None:
+            with torch.no_grad():
+                model.gamma.copy_(value)
+        return model.gamma.detach().clone()
+    name = {"align": "beta", "content": "use_content"}[term]
+    if value is not None:
+        setattr(model, name, value)
+    return getattr(model, name)
+
+
 @contextmanager
 def switched_off(model, term: str):
     """The model with one score term off, restored on exit."""
-    saved = {"experts": model.gamma.detach().clone(), "align": model.beta, "content": model.use_content}[term]
+    saved = _term(model, term)
     try:
-        if term == "experts":
-            with torch.no_grad():
-                model.gamma.zero_()
-        elif term == "align":
-            model.beta = 0.0
-        else:
-            model.use_content = False
+        _term(model, term, {"experts": torch.zeros(()), "align": 0.0, "content": False}[term])
         yield model
     finally:
-        if term == "experts":
-            with torch.no_grad():
-                model.gamma.copy_(saved)
-        elif term == "align":
-            model.beta = saved
-        else:
-            model.use_content = saved
+        _term(model, term, saved)
 
 
 def terms_of(model) -> list[str]:

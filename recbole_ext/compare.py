@@ -41,12 +41,12 @@ def paired(a: UserMetrics, b: UserMetrics, run_a, run_b, common_users: bool = Fa
     where = f"{run_a} and {run_b}"
     common = np.intersect1d(a.users, b.users)
     if common_users and len(common):
-        a, b = (_only(r, common) for r in (a, b))
+        a, b = (_rows(r, np.isin(r.users, common)) for r in (a, b))
     if set(a.users.tolist()) != set(b.users.tolist()):
         raise UserError(f"{where} did not evaluate the same users ({len(a.users)} and {len(b.users)} users, "
                         f"{len(common)} in common): compare runs of one dataset and split, or give "
                         f"--common-users when one scored a sample (eval.sample_users)")
-    a, b = (_sorted_by_user(r) for r in (a, b))
+    a, b = (_rows(r, np.argsort(r.users, kind="stable")) for r in (a, b))
     differ = np.flatnonzero(a.targets != b.targets)
     if len(differ):
         u = differ[0]
@@ -64,16 +64,10 @@ def paired(a: UserMetrics, b: UserMetrics, run_a, run_b, common_users: bool = Fa
     return a, b
 
 
-def _only(r: UserMetrics, users: np.ndarray) -> UserMetrics:
-    keep = np.isin(r.users, users)
-    return dataclasses.replace(r, users=r.users[keep], targets=r.targets[keep], item_counts=r.item_counts[keep],
-                               history=r.history[keep], values={p: v[keep] for p, v in r.values.items()})
-
-
-def _sorted_by_user(r: UserMetrics) -> UserMetrics:
-    order = np.argsort(r.users, kind="stable")
-    return UserMetrics(r.metrics, r.users[order], r.targets[order], r.item_counts[order], r.history[order],
-                       {p: v[order] for p, v in r.values.items()}, r.names, r.item_count_bins, r.history_quantiles)
+def _rows(r: UserMetrics, index: np.ndarray) -> UserMetrics:
+    """`r` restricted to (and ordered by) `index`, a boolean mask or positions over its rows."""
+    return dataclasses.replace(r, users=r.users[index], targets=r.targets[index], item_counts=r.item_counts[index],
+                               history=r.history[index], values={p: v[index] for p, v in r.values.items()})
 
 
 def compare(a: UserMetrics, b: UserMetrics, resamples: int = 10000, seed: int = 0) -> list[dict]:
