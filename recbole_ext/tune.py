@@ -190,13 +190,40 @@ def _trial_dirname(trial) -> str:
 
 
 def _progress_callback(cfg: dict):
-    """A Tune callback printing one line per ended trial (defined here, as it subclasses Ray's class)."""
+    """A Tune callback printing one line per ended trial and a sweep status line after it, and a line
+    whenever a validation round beats the best so far (defined here, as it subclasses Ray's class)."""
     from ray import tune
 
     class Progress(tune.Callback):
+        def __init__(self):
+            # trial id -> status once ended; trial id -> (metric, trial, round), its best validation
+            self.ended, self.bests = {}, {}
+
+        def best(self):
+            """The best validation so far of the trials that have not diverged or failed, as the ranking."""
+            order = sorted(self.bests.values(), key=lambda b: b[0], reverse=cfg["tune"]["mode"] == "max")
+            return order[0] if order else None
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric_key(cfg))
+            if result.get("diverged") or value is None or math.isnan(value):
+                return
+            entry = (value, f"trial_{trial.trial_id}", result.get("round"))
+            if not _better(value, self.bests.get(trial.trial_id), cfg):
+                return
+            self.bests[trial.trial_id] = entry
+            if self.best() is entry:
+                print(f"sweep: new best valid {metric_key(cfg)} {value:.4f}: {entry[1]} round {entry[2]} "
+                      f"({_values_text(trial.config, cfg)})", flush=True)
+
         def on_trial_complete(self, iteration, trials, trial, error=None, **info):
             row = row_of(cfg, Path(trial.path), trial.config, trial.last_result, error)
+            self.ended[trial.trial_id] = row["status"]
+            if row["status"] not in ("ok", "pruned"):
+                self.bests.pop(trial.trial_id, None)
             print(_trial_line(row, cfg), flush=True)
+            running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
+            print(sweep_status(self.ended.values(), running, _planned_trials(cfg), self.best(), cfg), flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             # the error file is in the driver's staging folder until Tune syncs it to the sweep folder
@@ -205,6 +232,19 @@ def _progress_callback(cfg: dict):
             self.on_trial_complete(iteration, trials, trial, error=error or "failed")
 
     return Progress()
+
+
+def _better(value: float, best, cfg: dict) -> bool:
+    return best is None or (value > best[0] if cfg["tune"]["mode"] == "max" else value < best[0])
+
+
+def sweep_status(ended, running: int, planned: int, best, cfg: dict) -> str:
+    """One line: how many trials ended (by status), run and wait, and the best validation so far."""
+    ended = list(ended)
+    counts = ", ".join(f"{ended.count(s)} {s}" for s in ("ok", "pruned", "diverged", "error"))
+    found = f"; best valid {metric_key(cfg)} {best[0]:.4f} ({best[1]}, round {best[2]})" if best else ""
+    return (f"sweep: {len(ended)}/{planned} trials ended ({counts}), {running} running, "
+            f"{max(planned - len(ended) - running, 0)} waiting{found}")
 
 
 # ---- one trial, inside a Ray worker ----------------------------------------------------------
@@ -385,8 +425,12 @@ def _write_best(cfg: dict, best: dict, sweep_dir: Path) -> None:
     path.write_text(head + dump(winner))
 
 
+def _values_text(values: dict, cfg: dict) -> str:
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={_short(values.get(k))}" for k in cfg["tune"]["space"])
+
+
 def _trial_line(row: dict, cfg: dict) -> str:
-    values = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(row[k])}" for k in cfg["tune"]["space"])
+    values = _values_text(row, cfg)
     key = f"valid_{metric_key(cfg)}"
     found = f", valid {metric_key(cfg)} {row[key]:.4f} (round {row['best_round']})" if row[key] is not None else ""
     extra = (f", diverged in round {row['diverged_round']}" if row["status"] == "diverged"

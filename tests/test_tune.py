@@ -162,6 +162,36 @@ def test_a_diverging_trial_is_stopped_and_recorded_without_failing_the_sweep(swe
 
 
 @pytest.mark.slow
+def test_the_sweep_prints_its_progress_while_it_runs(sweep):
+    lines = sweep["stdout"].splitlines()
+    status = [line for line in lines if line.startswith("sweep: ") and "trials ended" in line]
+    assert len(status) == 2  # one after each ended trial
+    assert status[0].startswith("sweep: 1/2 trials ended") and "0 error" in status[0]
+    ok = read_rows(sweep["dir"])["0.003"]
+    assert status[1].startswith("sweep: 2/2 trials ended (1 ok, 0 pruned, 1 diverged, 0 error), 0 running, 0 waiting")
+    assert f"best valid uni100_ndcg@10 {float(ok['valid_uni100_ndcg@10']):.4f} ({ok['trial']}, round" in status[1]
+    # a trial that later diverges may lead for a while; the status line then ranks as trials.csv does
+    assert any(line.startswith("sweep: new best valid uni100_ndcg@10 ") for line in lines)
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_says_why_in_its_row_and_the_sweep_goes_on(stage1, features, tmp_path):
+    missing = tmp_path / "no_text.npz"
+    args = sweep_args(stage1, features, tmp_path, "[0.003]",
+                      f"tune.space.data.text_features={{type: grid, values: [{features['text']}, {missing}]}}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run.main(args) == 0
+    sweep_dir = Path(out.getvalue().strip().splitlines()[-1].split("sweep folder: ")[1])
+    with open(sweep_dir / "trials.csv") as f:
+        rows = {Path(row["data.text_features"]).name: row for row in csv.DictReader(f)}
+    failed = rows["no_text.npz"]
+    assert failed["status"] == "error" and str(missing) in failed["error"] and "\n" not in failed["error"]
+    assert rows[Path(features["text"]).name]["status"] == "ok"
+    assert f"{failed['trial']} error: " in out.getvalue() and "(1 ok, 0 pruned, 0 diverged, 1 error)" in out.getvalue()
+
+
+@pytest.mark.slow
 def test_the_stage2_criterion_compares_with_stage1(sweep, stage1):
     stage1_hit = json.loads((stage1 / "summary.json").read_text())["valid"]["uni100"]["hit@10"]
     ok = read_rows(sweep["dir"])["0.003"]
