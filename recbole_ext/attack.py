@@ -11,10 +11,17 @@ item-embedding rows of the upload:
 * `row_sent`: 1 if the row is in the upload at all (non-zero, or among a sparse upload's ids), else 0:
   the touched-row set, history and negatives together.
 
+A stage whose item embedding does not train (stage 2) uploads no item rows, but its projectors: the
+server also knows the public feature tables, and a projector's update is a sum over the items the
+client scored of (gradient) x (feature vector)^T. So a third score reads it:
+
+* `text_response` / `image_response`: ||dW u_i|| / ||u_i||, with dW the projector's weight update and
+  u_i the item's feature vector minus the catalogue's mean (the mean is shared by every item, and
+  MiniLM vectors have a large one). Items without that modality score 0.
+
 It reports ROC-AUC (0.5: the upload says nothing) and precision@|history| (ties broken at random),
 averaged over clients. DP noise is added to the sum of a round, never to one upload, so under DP the
-server's view of a client is its clipped update. A stage whose item embedding does not train (stage 2)
-uploads no item rows: nothing to score. The DP noise of the sum and secure aggregation's protection
+server's view of a client is its clipped update. The DP noise of the sum and secure aggregation's protection
 against a server that sees only sums are about aggregates, which this single-upload probe does not
 measure.
 """
@@ -30,6 +37,9 @@ import torch
 from .errors import UserError
 
 SCORES = ("row_norm", "row_sent")
+# projector weight -> (its score's name, the model's feature table, the modality's `available` column)
+PROJECTORS = {"text_proj.weight": ("text_response", "text_feat", 1),
+              "visual_proj.weight": ("image_response", "image_feat", 0)}
 
 
 def server_view(backend, user: int, global_params: dict, round_seed: int, round_clients) -> dict:
@@ -47,6 +57,32 @@ def item_scores(rows: torch.Tensor) -> dict:
     """Per item (row 1.. of the item-embedding upload): each score of SCORES."""
     rows = rows[1:].double()
     return {"row_norm": rows.norm(dim=1).numpy(), "row_sent": rows.ne(0).any(1).double().numpy()}
+
+
+def projector_response(update: torch.Tensor, features: torch.Tensor, available: torch.Tensor) -> np.ndarray:
+    """Per item (row 1.. of the feature table): ||dW u_i|| / ||u_i||, u_i the item's centred feature
+    vector; 0 for an item without the modality."""
+    feats, have = features[1:].double(), available[1:]
+    centred = feats - feats[have].mean(0)
+    response = (centred @ update.double().T).norm(dim=1) / centred.norm(dim=1).clamp_min(1e-12)
+    return torch.where(have, response, torch.zeros_like(response)).numpy()
+
+
+def upload_scores(view: dict, model) -> dict:
+    """Every score the upload supports: from the item rows when they train, else from each projector
+    that trains and has items with its modality."""
+    from .federated.privacy import ITEM_ROWS
+
+    if ITEM_ROWS in view:
+        return item_scores(view[ITEM_ROWS])
+    return {PROJECTORS[w][0]: projector_response(view[w], getattr(model, PROJECTORS[w][1]),
+                                                 model.available[:, PROJECTORS[w][2]])
+            for w in projector_sources(view, model)}
+
+
+def projector_sources(uploaded, model) -> list[str]:
+    """The projector weights among `uploaded` (names) whose modality some item has."""
+    return [w for w, (_, _, column) in PROJECTORS.items() if w in uploaded and bool(model.available[1:, column].any())]
 
 
 def auc_and_precision(score: np.ndarray, in_history: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -79,8 +115,8 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0) -> dict:
                "dp": fed["dp"] if fed["dp"]["clip_norm"] is not None else None}
     out = {"run": str(folder), "stage": cfg["stage"], "seed": seed, "upload": setting, "clients": 0, "scores": {}}
     global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
-    if ITEM_ROWS not in global_params:
-        out["note"] = f"{ITEM_ROWS} does not train in this stage: the upload holds no item rows to score"
+    if ITEM_ROWS not in global_params and not projector_sources(global_params, stage.model):
+        out["note"] = f"neither {ITEM_ROWS} nor a projector with features trains in this stage: nothing to score"
         return out
     rng = np.random.default_rng(seed)
     pool = stage.windows.clients
@@ -88,16 +124,16 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0) -> dict:
     # Every backend uploads the same update (tests/test_backends.py); the reference one is enough here.
     backend = SequentialBackend(stage.model, stage.windows, cfg)
     seed_of_round = round_seed(cfg["seed"], fed["rounds"] + 1)
-    values = {name: [] for name in SCORES}
+    values = {}
     for user in sample:
         view = server_view(backend, int(user), global_params, seed_of_round, sample)
         in_history = np.zeros(stage.windows.n_items - 1, dtype=bool)
         in_history[stage.windows.history[user] - 1] = True
         if in_history.all():
             continue
-        for name, score in item_scores(view[ITEM_ROWS]).items():
-            values[name].append(auc_and_precision(score, in_history, rng))
-    out["clients"] = len(values[SCORES[0]])
+        for name, score in upload_scores(view, stage.model).items():
+            values.setdefault(name, []).append(auc_and_precision(score, in_history, rng))
+    out["clients"] = len(next(iter(values.values()), []))
     for name, pairs in values.items():
         auc, precision = np.array(pairs).T
         out["scores"][name] = {"auc": float(auc.mean()), "auc_std": float(auc.std()),

@@ -10,7 +10,7 @@ import torch
 
 import run
 from conftest import ROOT, tiny_config
-from recbole_ext.attack import auc_and_precision, item_scores, server_view
+from recbole_ext.attack import auc_and_precision, item_scores, server_view, upload_scores
 from recbole_ext.federated.backends import BACKENDS
 from recbole_ext.federated.privacy import (ITEM_ROWS, MODULUS, Accountant, Uploads, clip_, decode,
                                            mask_partners)
@@ -201,6 +201,28 @@ def test_a_single_masked_upload_tells_the_attack_nothing_a_sparse_one_much(stage
     assert results["sparse"]["row_sent"] > 0.6
     assert abs(results["secure"]["row_norm"] - 0.5) < 0.08
     assert results["secure"]["row_sent"] == 0.5  # every row of a masked upload is non-zero
+
+
+def test_a_stage2_projector_upload_names_the_history_unless_masked(tmp_path, features):
+    """Stage 2 uploads no item rows, but its projectors' updates against the public feature tables."""
+    built = Stage(tiny_config("stage2.yaml", tmp_path / "run", features, SETS), "stage2.yaml")
+    global_params = {n: p.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    assert ITEM_ROWS not in global_params
+    clients = built.windows.clients[:12]
+    results = {}
+    for name, settings in (("plain", built.cfg), ("secure", with_federated(built.cfg, secure_aggregation=True))):
+        made = BACKENDS["sequential"](built.model, built.windows, settings)
+        rng, aucs = np.random.default_rng(0), {}
+        for user in clients:
+            view = server_view(made, int(user), global_params, 7, clients)
+            in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
+            in_history[built.windows.history[user] - 1] = True
+            for score, values in upload_scores(view, built.model).items():
+                aucs.setdefault(score, []).append(auc_and_precision(values, in_history, rng)[0])
+        results[name] = {score: float(np.mean(values)) for score, values in aucs.items()}
+    assert set(results["plain"]) == {"text_response", "image_response"}
+    assert min(results["plain"].values()) > 0.9
+    assert all(abs(auc - 0.5) < 0.08 for auc in results["secure"].values())
 
 
 @pytest.mark.parametrize("backend", ["sequential", "vectorized"])

@@ -39,6 +39,17 @@ def test_tune_files_declare_the_sweep():
     assert smoke["load"][0]["checkpoint"].endswith("runs/smoke/best.pt")
 
 
+@pytest.mark.parametrize("path", ["ml1m/tune_stage2.yaml", "amazon/tune_stage2.yaml"])
+def test_the_real_data_sweeps_span_the_stability_study_ranges(path):
+    cfg = load_config(ROOT / "yamls" / path)
+    space = cfg["tune"]["space"]
+    assert space["federated.server_lr"]["low"] <= 1e-4 and space["federated.server_lr"]["high"] >= 1e-1
+    assert space["model.projector_init_gain"]["low"] <= 1e-3 and space["model.projector_init_gain"]["high"] >= 10
+    assert all(spec["type"] == "loguniform" for spec in space.values())
+    assert cfg["stage"] == 2 and cfg["tune"]["trials"] >= 24 and cfg["tune"]["scheduler"] == "asha"
+    assert cfg["eval"]["every"] == 1 and cfg["tune"]["protocol"] == "full"  # every round reports
+
+
 def test_space_dimensions_can_be_set_from_the_command_line_and_files_replace_the_space(tmp_path):
     cfg = load_config(SMOKE, ["tune.space.loss.lambda_align={type: choice, values: [0, 0.1]}",
                               "tune.space.optim.learning_rate={type: grid, values: [0.001, 0.01]}"])
