@@ -9,6 +9,7 @@ runs each trial as one in-process stage run (`Stage.run`) that reports every val
     trials.csv      one row per trial: its values, status ok|pruned|diverged|error, best validation metrics
     best.yaml       the config with the winning values, runnable with `run.py --config`
     stability.png   learning rate x projector init gain, each trial's best metric, diverged trials marked
+    loss_curves.png training loss per round of the best stable trial, the worst one and the diverged ones
 
 Ray is imported inside the functions that use it: nothing else in the project needs it.
 """
@@ -88,6 +89,7 @@ def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[
     else:
         print("no trial finished without diverging or failing: best.yaml not written")
     plot_stability(rows, cfg, sweep_dir / "stability.png")
+    plot_loss_curves(rows, cfg, sweep_dir, sweep_dir / "loss_curves.png")
     print(_table(best[:5], cfg))
     print(f"sweep folder: {sweep_dir}")
     return rows
@@ -500,6 +502,41 @@ def plot_stability(rows: list[dict], cfg: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_loss_curves(rows: list[dict], cfg: dict, sweep_dir: Path, path: Path, most_diverged: int = 4) -> None:
+    """Training loss per round, log scale: the best and the worst trial that ran stably (by the sweep's
+    metric) and the `most_diverged` trials that diverged first, each labelled with its values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"best": "tab:green", "worst": "tab:blue", "diverged": "tab:red"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    chosen = loss_curve_trials(rows, cfg, most_diverged)
+    for row, kind in chosen:
+        records = read_metrics(sweep_dir / row["trial"] / "run")
+        losses = [r["loss"] if math.isfinite(r["loss"]) else float("nan") for r in records]
+        ax.plot([r.get("round", r.get("epoch")) for r in records], losses, color=colors[kind], marker="o", markersize=3,
+                label=f"{kind}: {_values_text(row, cfg)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("round" if cfg["trainer"] == "federated" else "epoch")
+    ax.set_ylabel("training loss (mean over the round's clients)")
+    ax.set_title(f"{cfg['name']}: training loss")
+    if chosen:
+        ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def loss_curve_trials(rows: list[dict], cfg: dict, most_diverged: int) -> list[tuple[dict, str]]:
+    """(row, best|worst|diverged) for plot_loss_curves."""
+    stable = [r for r in ranked(rows, cfg) if r["status"] in ("ok", "pruned") and r["rounds_run"]]
+    diverged = sorted((r for r in rows if r["status"] == "diverged"), key=lambda r: r["diverged_round"] or 0)
+    return ([(r, "best") for r in stable[:1]] + [(r, "worst") for r in stable[1:][-1:]]
+            + [(r, "diverged") for r in diverged[:most_diverged]])
 
 
 def _spans_decades(values: list) -> bool:

@@ -21,6 +21,7 @@ from recbole_ext.config import load_config
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
 from recbole_ext.runs import read_metrics
+from recbole_ext.tune import loss_curve_trials
 
 SMOKE = str(ROOT / "yamls" / "tune_smoke.yaml")
 BACKBONE = "[item_embedding, position_embedding, trm_encoder, LayerNorm]"
@@ -48,6 +49,17 @@ def test_the_real_data_sweeps_span_the_stability_study_ranges(path):
     assert all(spec["type"] == "loguniform" for spec in space.values())
     assert cfg["stage"] == 2 and cfg["tune"]["trials"] >= 24 and cfg["tune"]["scheduler"] == "asha"
     assert cfg["eval"]["every"] == 1 and cfg["tune"]["protocol"] == "full"  # every round reports
+
+
+def test_the_loss_curves_show_the_best_and_worst_stable_trials_and_the_first_to_diverge():
+    cfg = load_config(SMOKE)
+    row = lambda name, status, value, diverged=None, rounds=4: {
+        "trial": name, "status": status, "valid_uni100_ndcg@10": value, "diverged_round": diverged, "rounds_run": rounds}
+    rows = [row("a", "ok", 0.2), row("b", "pruned", 0.1), row("c", "diverged", 0.3, 5), row("d", "ok", 0.3),
+            row("e", "diverged", None, 2), row("f", "error", None, rounds=0), row("g", "diverged", 0.1, 3)]
+    chosen = [(r["trial"], kind) for r, kind in loss_curve_trials(rows, cfg, most_diverged=2)]
+    assert chosen == [("d", "best"), ("b", "worst"), ("e", "diverged"), ("g", "diverged")]
+    assert [(r["trial"], kind) for r, kind in loss_curve_trials(rows[:1], cfg, 2)] == [("a", "best")]  # one stable trial is not also the worst
 
 
 def test_space_dimensions_can_be_set_from_the_command_line_and_files_replace_the_space(tmp_path):
@@ -154,6 +166,7 @@ def test_a_sweep_writes_its_folder_and_ends_with_the_best_trials(sweep):
     assert 1 <= int(ok["best_round"]) <= ROUNDS and float(ok["model.projector_init_gain"]) > 0
     assert float(ok["final_loss"]) > 0 and ok["final_rec_loss"] and ok["final_align_loss"]
     assert (sweep["dir"] / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (sweep["dir"] / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = sweep["stdout"].strip().splitlines()
     assert lines[-1] == f"sweep folder: {sweep['dir']}"
     table = lines[lines.index("best trials:"):-1]
