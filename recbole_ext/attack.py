@@ -93,7 +93,9 @@ def auc_and_precision(score: np.ndarray, in_history: np.ndarray, rng: np.random.
     return float(roc_auc_score(in_history, score)), float(in_history[order[:k]].mean())
 
 
-def attack(run_dir: str, clients: int = 32, seed: int = 0) -> dict:
+def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ()) -> dict:
+    """`sets`: config overrides of the upload (e.g. federated.secure_aggregation=true), to see what the
+    same trained model's clients would send under another setting."""
     from .config import load_config
     from .federated.backends import SequentialBackend
     from .federated.client import round_seed
@@ -105,7 +107,7 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0) -> dict:
     folder = Path(run_dir)
     if not (folder / CONFIG).is_file() or not (folder / CHECKPOINT).is_file():
         raise UserError(f"{folder}: not a run folder with a best checkpoint ({CONFIG} and {CHECKPOINT})")
-    cfg = load_config(folder / CONFIG, ["load=[]"], saved=True)
+    cfg = load_config(folder / CONFIG, ["load=[]", *sets], saved=True)
     if cfg["trainer"] != "federated":
         raise UserError(f"{folder}: a {cfg['trainer']} run uploads nothing; the attack needs a federated run")
     stage = Stage(cfg, str(folder / CONFIG))
@@ -154,11 +156,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--clients", type=int, default=32,
                         help="clients to attack, also the round's clients (mask partners); default 32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the client sample and tie-breaking")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="upload setting to attack instead of the run's own, e.g. "
+                             "--set federated.sparse_uploads=true (repeatable)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
     args = parser.parse_args(argv)
     if args.clients < 2:  # they are also the round: one client alone has no mask partner
         raise UserError(f"--clients must be >= 2, got {args.clients}")
-    result = attack(args.run_dir, args.clients, args.seed)
+    result = attack(args.run_dir, args.clients, args.seed, args.set)
     print(f"{args.run_dir}: stage {result['stage']}, upload {json.dumps(result['upload'])}, "
           f"{result['clients']} clients")
     print(result["note"] if "note" in result else table(result))

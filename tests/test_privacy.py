@@ -281,3 +281,10 @@ def test_the_attack_command_reports_auc_and_the_touched_rows(tmp_path, monkeypat
     # Clipping scales an update, it does not hide which rows moved most.
     assert result["scores"]["row_norm"]["auc"] > 0.9
     assert "row_sent" in capsys.readouterr().out
+    # the same trained model, attacked as its clients would upload under secure aggregation
+    masked = tmp_path / "masked.json"
+    assert run.main(["attack", str(tmp_path / "sparse"), "--clients", "4", "--json", str(masked),
+                     "--set", "federated.secure_aggregation=true", "--set", "federated.sparse_uploads=false"]) == 0
+    result = json.loads(masked.read_text())
+    assert result["upload"]["secure_aggregation"] and not result["upload"]["sparse_uploads"]
+    assert result["scores"]["row_sent"]["auc"] == 0.5  # every row of a masked upload is non-zero
