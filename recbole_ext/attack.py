@@ -42,15 +42,15 @@ PROJECTORS = {"text_proj.weight": ("text_response", "text_feat", 1),
               "visual_proj.weight": ("image_response", "image_feat", 0)}
 
 
-def server_view(backend, user: int, global_params: dict, round_seed: int, round_clients) -> dict:
+def server_view(backend, user: int, global_params: dict, round_seed: int, round_clients) -> tuple[dict, int]:
     """name -> what the server holds of `user`'s upload, as floats (masked residues decoded as the
-    server would decode a sum)."""
+    server would decode a sum); and the bytes the upload takes."""
     from .federated.privacy import decode
 
     sums = backend.train_clients([user], global_params, round_seed, round_clients=round_clients)
     if sums.modulus is None:
-        return sums.update
-    return {name: decode(value, torch.float64) for name, value in sums.update.items()}
+        return sums.update, sums.bytes_up
+    return {name: decode(value, torch.float64) for name, value in sums.update.items()}, sums.bytes_up
 
 
 def item_scores(rows: torch.Tensor) -> dict:
@@ -126,9 +126,10 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     # Every backend uploads the same update (tests/test_backends.py); the reference one is enough here.
     backend = SequentialBackend(stage.model, stage.windows, cfg)
     seed_of_round = round_seed(cfg["seed"], fed["rounds"] + 1)
-    values = {}
+    values, sizes = {}, []
     for user in sample:
-        view = server_view(backend, int(user), global_params, seed_of_round, sample)
+        view, size = server_view(backend, int(user), global_params, seed_of_round, sample)
+        sizes.append(size)
         in_history = np.zeros(stage.windows.n_items - 1, dtype=bool)
         in_history[stage.windows.history[user] - 1] = True
         if in_history.all():
@@ -136,6 +137,7 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
         for name, score in upload_scores(view, stage.model).items():
             values.setdefault(name, []).append(auc_and_precision(score, in_history, rng))
     out["clients"] = len(next(iter(values.values()), []))
+    out["mb_up_per_client"] = float(np.mean(sizes)) / 1e6
     for name, pairs in values.items():
         auc, precision = np.array(pairs).T
         out["scores"][name] = {"auc": float(auc.mean()), "auc_std": float(auc.std()),
@@ -165,7 +167,8 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--clients must be >= 2, got {args.clients}")
     result = attack(args.run_dir, args.clients, args.seed, args.set)
     print(f"{args.run_dir}: stage {result['stage']}, upload {json.dumps(result['upload'])}, "
-          f"{result['clients']} clients")
+          f"{result['clients']} clients" + (f", {result['mb_up_per_client']:.3f} MB per upload"
+                                            if "mb_up_per_client" in result else ""))
     print(result["note"] if "note" in result else table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

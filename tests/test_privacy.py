@@ -190,7 +190,7 @@ def test_a_single_masked_upload_tells_the_attack_nothing_a_sparse_one_much(stage
         made, global_params = backend_for(stage, "sequential", settings)
         rng, aucs = np.random.default_rng(0), {"row_norm": [], "row_sent": []}
         for user in clients:
-            view = server_view(made, int(user), global_params, 7, clients)
+            view, _ = server_view(made, int(user), global_params, 7, clients)
             in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
             in_history[built.windows.history[user] - 1] = True
             for score, values in item_scores(view[ITEM_ROWS]).items():
@@ -214,7 +214,7 @@ def test_a_stage2_projector_upload_names_the_history_unless_masked(tmp_path, fea
         made = BACKENDS["sequential"](built.model, built.windows, settings)
         rng, aucs = np.random.default_rng(0), {}
         for user in clients:
-            view = server_view(made, int(user), global_params, 7, clients)
+            view, _ = server_view(made, int(user), global_params, 7, clients)
             in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
             in_history[built.windows.history[user] - 1] = True
             for score, values in upload_scores(view, built.model).items():
@@ -288,3 +288,5 @@ def test_the_attack_command_reports_auc_and_the_touched_rows(tmp_path, monkeypat
     result = json.loads(masked.read_text())
     assert result["upload"]["secure_aggregation"] and not result["upload"]["sparse_uploads"]
     assert result["scores"]["row_sent"]["auc"] == 0.5  # every row of a masked upload is non-zero
+    # a sparse upload sends the touched rows with their ids, a masked one every row
+    assert 0 < json.loads(out.read_text())["mb_up_per_client"] < result["mb_up_per_client"]
