@@ -199,7 +199,25 @@ def _progress_callback(cfg: dict):
     class Progress(tune.Callback):
         def __init__(self):
             # trial id -> status once ended; trial id -> (metric, trial, round), its best validation
-            self.ended, self.bests = {}, {}
+            self.ended, self.bests, self.caught_up = {}, {}, False
+
+        def catch_up(self, trials, current) -> None:
+            """A resumed sweep's callback first counts the trials that ended before the restore."""
+            if self.caught_up:
+                return
+            self.caught_up = True
+            for t in trials:
+                if t is not current and t.status in ("TERMINATED", "ERROR") and t.trial_id not in self.ended:
+                    self.record(row_of(cfg, Path(t.path), t.config, t.last_result or {}, t.get_error()), t.trial_id)
+
+        def record(self, row: dict, trial_id: str) -> None:
+            self.ended[trial_id] = row["status"]
+            key = f"valid_{metric_key(cfg)}"
+            if row["status"] in ("ok", "pruned") and row[key] is not None:
+                if _better(row[key], self.bests.get(trial_id), cfg):
+                    self.bests[trial_id] = (row[key], row["trial"], row["best_round"])
+            else:
+                self.bests.pop(trial_id, None)
 
         def best(self):
             """The best validation so far of the trials that have not diverged or failed, as the ranking."""
@@ -207,6 +225,7 @@ def _progress_callback(cfg: dict):
             return order[0] if order else None
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.catch_up(trials, trial)
             value = result.get(metric_key(cfg))
             if result.get("diverged") or value is None or math.isnan(value):
                 return
@@ -219,10 +238,9 @@ def _progress_callback(cfg: dict):
                       f"({_values_text(trial.config, cfg)})", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, error=None, **info):
+            self.catch_up(trials, trial)
             row = row_of(cfg, Path(trial.path), trial.config, trial.last_result, error)
-            self.ended[trial.trial_id] = row["status"]
-            if row["status"] not in ("ok", "pruned"):
-                self.bests.pop(trial.trial_id, None)
+            self.record(row, trial.trial_id)
             print(_trial_line(row, cfg), flush=True)
             running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
             print(sweep_status(self.ended.values(), running, _planned_trials(cfg), self.best(), cfg), flush=True)

@@ -272,7 +272,10 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     rows = read_rows(sweep_dir)
     assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 2
     assert (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns == before  # not run again
-    assert first not in resumed.stdout.split("best trials:")[0]  # only the other trial ended in this run
+    # only the other trial ended in this run
+    assert not any(line.startswith(first) for line in resumed.stdout.split("best trials:")[0].splitlines())
+    # the resumed driver's status line counts the trial that ended before the restore
+    assert "sweep: 2/2 trials ended (2 ok, 0 pruned, 0 diverged, 0 error), 0 running, 0 waiting" in resumed.stdout
     # the trial cut off half-way continued from its saved state: round 1 was not run again
     second = read_metrics(started[0])
     assert [rec["round"] for rec in second] == list(range(1, ROUNDS + 1)) and second[0] == round1
