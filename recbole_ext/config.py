@@ -93,7 +93,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "federated.server_lr": ((float,), False, _positive),
     "federated.server_lr_groups": ((dict,), False, None),
     "federated.backend": ((str,), False, _choice("sequential", "vectorized", "ray")),
-    "federated.cohort_size": ((int,), False, _positive),
+    "federated.cohort_size": ((int,), True, _positive),
     "federated.cohort_positions": ((int,), True, _positive),
     "federated.ray_address": ((str,), True, None),
     "federated.ray_workers": ((int,), False, _positive),

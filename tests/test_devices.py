@@ -151,3 +151,39 @@ def test_a_cuda_run_resumed_from_its_state_matches_the_uninterrupted_one(tmp_pat
         resumed.train_unit(index, stage.windows, False)
     for name, value in reference.items():
         assert torch.equal(stage.model.state_dict()[name], value), name
+
+
+def test_a_gpu_plan_pads_more_for_fewer_cohorts():
+    # On a GPU a cohort may pad its clients to twice their size: fewer, larger cohorts, each still
+    # bounded; the CPU plan keeps its quarter.
+    from recbole_ext.federated.vectorized import GPU_MAX_PADDING, MAX_PADDING, plan_cohorts
+
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(5, 700, size=900)
+    clients = rng.choice(900, size=256, replace=False)
+    cpu = plan_cohorts(clients, sizes, 1024, 10 ** 6)
+    gpu = plan_cohorts(clients, sizes, 1024, 10 ** 6, GPU_MAX_PADDING)
+    assert len(gpu) < len(cpu) / 2
+    for plan, padding in ((cpu, MAX_PADDING), (gpu, GPU_MAX_PADDING)):
+        assert sorted(np.concatenate(plan).tolist()) == sorted(clients.tolist())
+        assert all(sizes[c].max() <= sizes[c].min() * (1 + padding) for c in plan)
+
+
+def test_cohort_size_null_is_the_cpu_default_on_a_cpu(tmp_path):
+    from recbole_ext.federated.vectorized import CPU_COHORT_SIZE, MAX_PADDING, VectorizedBackend
+
+    stage = Stage(tiny_config("stage1.yaml", tmp_path / "run", None, ["federated.cohort_size=null"]), "stage1.yaml")
+    backend = VectorizedBackend(stage.model, stage.windows, stage.cfg)
+    assert (backend.cohort_size, backend.max_padding) == (CPU_COHORT_SIZE, MAX_PADDING)
+
+
+@cuda
+def test_on_a_gpu_cohorts_and_passes_are_sized_to_its_memory(tmp_path):
+    from recbole_ext.federated.client import positions_per_pass
+    from recbole_ext.federated.vectorized import CPU_COHORT_SIZE, GPU_COHORT_SIZE, GPU_MAX_PADDING, VectorizedBackend
+
+    stage = Stage(tiny_config("stage1.yaml", tmp_path / "run", None, ["device=cuda", "federated.cohort_size=null"]),
+                  "stage1.yaml")
+    backend = VectorizedBackend(stage.model, stage.windows, stage.cfg)
+    assert CPU_COHORT_SIZE <= backend.cohort_size <= GPU_COHORT_SIZE and backend.max_padding == GPU_MAX_PADDING
+    assert positions_per_pass(stage.model, stage.cfg) >= 8192

@@ -37,8 +37,14 @@ def default_positions_per_pass(model) -> int:
     """Positions per gradient pass when `federated.cohort_positions` is null: about 1 GiB of
     activations or less on ML-1M in each stage (measured: ~0.1 MB a position in stage 1, ~0.4 MB with
     the align gating, ~2.5 MB with the experts, whose tensors are [positions, candidates, hidden]),
-    so an ML-1M stage-3 run stays under 6 GiB in all."""
-    return 256 if model.use_experts else 2048 if model.use_align else 8192
+    so an ML-1M stage-3 run stays under 6 GiB in all. On a GPU, that many per 4 GiB of its free
+    memory (a quarter of it): there a pass's fixed cost, not its size, is what a round pays for."""
+    positions = 256 if model.use_experts else 2048 if model.use_align else 8192
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return positions
+    free, _ = torch.cuda.mem_get_info(device)
+    return positions * max(1, free // (4 * 2 ** 30))
 
 
 def positions_per_pass(model, settings: dict) -> int:

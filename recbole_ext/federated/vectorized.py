@@ -12,8 +12,9 @@ state is ever made (unless a privacy option needs each client's own change: priv
 
 Shapes: clients are padded to a common number of windows and of trained positions and masked
 (`UR4RecMoE.masked_sequence_loss`). Cohorts are formed from clients sorted by size, so a cohort pads
-no client by more than MAX_PADDING of its positions; a cohort holds at most `cohort_size` clients and
-`cohort_positions` padded positions per gradient pass. A client larger than that is trained in
+no client by more than MAX_PADDING of its positions (GPU_MAX_PADDING on a GPU); a cohort holds at
+most `cohort_size` clients and `cohort_positions` padded positions per gradient pass (both, when
+null, larger on a GPU: `gpu_cohort_size`, `client.default_positions_per_pass`). A client larger than that is trained in
 parts (sets of its windows) whose gradients are added before its optimizer step, so one gradient
 pass never holds more than about `cohort_positions` positions of activations: that bounds memory for
 ML-1M users with 2,000+ interactions (stage 3 holds about 3 MB of activations per position). The
@@ -42,7 +43,13 @@ from .local_optim import (adamw_, clip_coefficients, decays, first_adamw_step_su
 from .negatives import negatives_from_uniform
 from .privacy import Uploads
 
-MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction
+MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction (on a CPU)
+CPU_COHORT_SIZE = 64  # `federated.cohort_size` null on a CPU
+# On a GPU a cohort's fixed work (a batched pass of some thousand small kernels) costs more than
+# padding's arithmetic: fewer, larger cohorts, as many clients as a quarter of the free memory holds
+# (each client's gradient is a full copy of the trainable parameters), at most GPU_COHORT_SIZE.
+GPU_MAX_PADDING = 1.0
+GPU_COHORT_SIZE = 1024
 
 
 class _Call(nn.Module):
@@ -57,16 +64,17 @@ class _Call(nn.Module):
         return getattr(self.model, self.method)(*args)
 
 
-def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_positions: int) -> list[np.ndarray]:
+def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_positions: int,
+                 max_padding: float = MAX_PADDING) -> list[np.ndarray]:
     """Split `clients` into cohorts (arrays of client ids) of similar size (training positions):
-    sorted by size, a cohort pads none of its clients by more than MAX_PADDING of their size and
+    sorted by size, a cohort pads none of its clients by more than `max_padding` of their size and
     holds at most `max_clients` clients and `max_positions` padded positions (a larger client is a
     cohort of its own, trained in parts)."""
     order = np.argsort(sizes[clients], kind="stable")
     cohorts, current, first = [], [], 0
     for client in clients[order]:
         size = int(sizes[client])
-        if current and (len(current) >= max_clients or size > math.floor(first * (1 + MAX_PADDING))
+        if current and (len(current) >= max_clients or size > math.floor(first * (1 + max_padding))
                         or (len(current) + 1) * size > max_positions):
             cohorts.append(np.array(current))
             current = []
@@ -78,6 +86,16 @@ def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_p
     return cohorts
 
 
+def gpu_cohort_size(model) -> int:
+    """`federated.cohort_size` null on a GPU: the clients whose gradients (three copies of the
+    trainable parameters each, with the optimizer's temporaries) fill a quarter of its free memory,
+    between CPU_COHORT_SIZE and GPU_COHORT_SIZE."""
+    device = next(model.parameters()).device
+    per_client = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(GPU_COHORT_SIZE, max(CPU_COHORT_SIZE, free // 4 // max(1, per_client))))
+
+
 class VectorizedBackend:
     def __init__(self, model, windows: TrainingWindows, settings: dict, own_cache: bool = True):
         """own_cache False: the stage-2 states are handed in as `shared_states` (Ray actors)."""
@@ -85,10 +103,12 @@ class VectorizedBackend:
         self.windows = windows
         self.settings = settings
         fed = settings["federated"]
-        self.cohort_size = fed["cohort_size"]
+        self.device = windows.device
+        on_gpu = self.device.type == "cuda"
+        self.cohort_size = fed["cohort_size"] or (gpu_cohort_size(model) if on_gpu else CPU_COHORT_SIZE)
+        self.max_padding = GPU_MAX_PADDING if on_gpu else MAX_PADDING
         self.cohort_positions = positions_per_pass(model, settings)
         self.window_counts = np.diff(windows.window_offsets)
-        self.device = windows.device
         self.cache = BackboneCache(model, windows.inputs) if own_cache and model.backbone_frozen() else None
         self.shared_states = None
         self.loss_module = _Call(model, "masked_sequence_loss")
@@ -106,7 +126,7 @@ class VectorizedBackend:
         round_clients = clients if round_clients is None else round_clients
         sums = self.uploads.zeros(global_params)
         cohorts = plan_cohorts(np.asarray(clients), self.windows.num_targets, self.cohort_size,
-                               self.cohort_positions)
+                               self.cohort_positions, self.max_padding)
         # Frozen parameters and buffers, shared by every client (in_dims None below).
         frozen = {f"model.{name}": value for name, value in self.model.named_parameters() if name not in global_params}
         frozen.update({f"model.{name}": value for name, value in self.model.named_buffers()})
