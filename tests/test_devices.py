@@ -187,3 +187,29 @@ def test_on_a_gpu_cohorts_and_passes_are_sized_to_its_memory(tmp_path):
     backend = VectorizedBackend(stage.model, stage.windows, stage.cfg)
     assert CPU_COHORT_SIZE <= backend.cohort_size <= GPU_COHORT_SIZE and backend.max_padding == GPU_MAX_PADDING
     assert positions_per_pass(stage.model, stage.cfg) >= 8192
+
+
+@cuda
+def test_ray_actors_on_gpu_shares_give_the_vectorized_update(tmp_path):
+    """Two actors on half a GPU each: the model, windows and parameters travel on the CPU, the
+    actors train on their GPU, and the round's update is the single-process one (dropout off)."""
+    import ray
+
+    from recbole_ext.federated.backends import BACKENDS
+
+    sets = ["device=cuda", "federated.ray_workers=2", "federated.ray_gpus_per_worker=0.5"]
+    stage = Stage(tiny_config("stage1.yaml", tmp_path / "run", None, sets), "stage1.yaml")
+    global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
+    clients = stage.windows.clients[:8]
+    expected, _ = BACKENDS["vectorized"](stage.model, stage.windows, stage.cfg).run_round(
+        clients, global_params, 5, False)
+    backend = BACKENDS["ray"](stage.model, stage.windows, stage.cfg)
+    try:
+        got, _ = backend.run_round(clients, global_params, 5, False)
+        assert "cuda" in backend.rng_states()
+    finally:
+        backend.close()
+        ray.shutdown()
+    for name, value in expected.items():
+        assert got[name].device == value.device
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=name)
