@@ -213,3 +213,20 @@ def test_ray_actors_on_gpu_shares_give_the_vectorized_update(tmp_path):
     for name, value in expected.items():
         assert got[name].device == value.device
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_deterministic_kernels_change_nothing_on_a_cpu_and_are_reset_by_the_next_stage(tmp_path):
+    from recbole_ext.federated.backends import BACKENDS
+
+    def one_round(deterministic: bool) -> dict:
+        stage = Stage(tiny_config("stage1.yaml", tmp_path / str(deterministic), None,
+                                  ["federated.backend=vectorized", f"deterministic={str(deterministic).lower()}"]),
+                      "stage1.yaml")
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
+        return BACKENDS["vectorized"](stage.model, stage.windows, stage.cfg).run_round(
+            stage.windows.clients[:6], params, 2, False)[0]
+
+    strict, plain = one_round(True), one_round(False)
+    for name, value in plain.items():
+        assert torch.equal(strict[name], value), name
