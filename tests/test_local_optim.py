@@ -81,3 +81,27 @@ def test_state_round_trips_and_continues_exactly():
         opt.step()
     for a, b in zip(model.parameters(), copy_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_torch_optim_state_written_before_continues_exactly(name):
+    """A centralized run's state.pt from before held torch.optim's state: loaded into the local
+    optimizer, the next step is the one torch.optim would have taken."""
+    torch.manual_seed(2)
+    model = Small().double()
+    optim = {"optimizer": name, "learning_rate": 0.05, "weight_decay": 0.1, "clip_grad_norm": None}
+    theirs = reference_optimizer(model, optim)
+    x = torch.tensor([1, 2, 3])
+    for _ in range(2):
+        theirs.zero_grad()
+        model(x).backward()
+        theirs.step()
+    ours_model = copy.deepcopy(model)
+    ours = LocalOptimizer(ours_model, optim)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    for opt, m in ((theirs, model), (ours, ours_model)):
+        opt.zero_grad()
+        m(x).backward()
+        opt.step()
+    for a, b in zip(ours_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -7,9 +7,10 @@ becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the
 backend. A client's randomness is its own (`client.client_generator`), so the backends agree to float
 rounding for the same seed when dropout is off (tests/test_backends.py).
 
-* `sequential` (here) is the reference: one client after another on the global model object, with
-  a fresh `LocalOptimizer` (local_optim.py, as every backend) each, restoring the global trainable parameters before
-  each client; a client with more than `cohort_positions` positions takes its gradient in parts.
+* `sequential` (here) is the reference: one client after another on the global model object, each
+  with a fresh `LocalOptimizer` (local_optim.py, the optimizer of every backend), restoring the global
+  trainable parameters before each client; a client with more than `cohort_positions` positions
+  takes its gradient in parts.
 * `vectorized` (vectorized.py): cohorts of clients at once with torch.func (stacked parameters).
 * `ray` (ray_backend.py): Ray actors, each running `vectorized` on a shard of the round's clients.
 """

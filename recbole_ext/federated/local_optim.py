@@ -112,6 +112,9 @@ class LocalOptimizer:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.weight_decay = [optim["weight_decay"] if decays(name, p) else 0.0 for name, p in named]
+        # torch.optim's numbering of the same parameters (decayed group first), for its saved states
+        self.torch_order = ([i for i, (n, p) in enumerate(named) if decays(n, p)]
+                            + [i for i, (n, p) in enumerate(named) if not decays(n, p)])
         self.lr, self.clip = optim["learning_rate"], optim["clip_grad_norm"]
         self.adamw = optim["optimizer"] == "adamw"
         self.steps = 0
@@ -141,7 +144,26 @@ class LocalOptimizer:
         return {"steps": self.steps, "exp_avg": self.exp_avg or [], "exp_avg_sq": self.exp_avg_sq or []}
 
     def load_state_dict(self, state: dict) -> None:
+        """A state of `state_dict`, or of the torch.optim SGD/AdamW this replaced (a centralized run's
+        state.pt written before goes on where it stopped)."""
         device = self.params[0].device if self.params else "cpu"
+        if "param_groups" in state:
+            state = self._from_torch(state)
         self.steps = int(state["steps"])
         self.exp_avg = [t.to(device, copy=True) for t in state["exp_avg"]] or None
         self.exp_avg_sq = [t.to(device, copy=True) for t in state["exp_avg_sq"]] or None
+
+    def _from_torch(self, state: dict) -> dict:
+        moments = {"exp_avg": [None] * len(self.params), "exp_avg_sq": [None] * len(self.params)}
+        steps = 0
+        for torch_index, ours in enumerate(self.torch_order):
+            entry = state["state"].get(torch_index, {})
+            steps = max(steps, int(entry.get("step", 0)))
+            for key in moments:
+                if key in entry:
+                    moments[key][ours] = entry[key].unsqueeze(0)
+        if not self.adamw or steps == 0:
+            return {"steps": steps, "exp_avg": [], "exp_avg_sq": []}
+        # torch skips a parameter that never had a gradient; here it has zero moments
+        return {"steps": steps, **{key: [torch.zeros_like(p).unsqueeze(0) if m is None else m
+                                         for m, p in zip(values, self.params)] for key, values in moments.items()}}

@@ -114,7 +114,8 @@ class RayBackend:
         connect(fed["ray_address"], cpus * self.workers_count)
         self.cache = BackboneCache(model, windows.inputs) if model.backbone_frozen() else None
         self._shared_generation = 0
-        model_ref, windows_ref = ray.put(copy.deepcopy(model).to("cpu")), ray.put(windows.to("cpu"))
+        host_model = model if self.device.type == "cpu" else copy.deepcopy(model).to("cpu")
+        model_ref, windows_ref = ray.put(host_model), ray.put(windows.to("cpu"))
         worker = ray.remote(_Worker).options(num_cpus=cpus, num_gpus=gpus)
         self.workers = [worker.remote(model_ref, windows_ref, settings, max(1, int(cpus)),
                                       actor_seed(settings["seed"], index), "cuda" if gpus > 0 else "cpu")
@@ -165,9 +166,13 @@ class RayBackend:
         states = ray.get([w.rng_state.remote() for w in self.workers])
         return {kind: torch.stack([s[kind] for s in states]) for kind in states[0]}
 
-    def set_rng_states(self, states: dict) -> None:
+    def set_rng_states(self, states: dict | torch.Tensor) -> None:
+        """`states` as `rng_states` gives them, or the [actors, state] tensor of the CPU generators
+        that a run's state held before actors could run on GPUs."""
         import ray
 
+        if isinstance(states, torch.Tensor):
+            states = {"cpu": states}
         ray.get([w.set_rng_state.remote({kind: stack[i] for kind, stack in states.items()})
                  for i, w in enumerate(self.workers)])
 
