@@ -114,12 +114,13 @@ def prepare_data(folder: Path, with_ml1m: bool) -> list[str]:
     return datasets
 
 
-def build_stage(stage: int, dataset: str, data: Path, work: Path):
+def build_stage(stage: int, dataset: str, data: Path, work: Path, device: str = "cpu"):
     from recbole_ext.config import load_config
     from recbole_ext.pipeline import Stage
 
     cfg = load_config(ROOT / "yamls" / STAGE_FILES[stage], [
         f"data.path={data}", f"data.dataset={dataset}", "load=[]", f"run_dir={work / f'{dataset}-{stage}'}",
+        f"device={device}", "federated.cohort_size=null",  # 64 on a CPU, sized to its memory on a GPU
         f"data.text_features={data / dataset / 'bench_text.npz'}",
         f"data.image_features={data / dataset / 'bench_image.npz'}"])
     return Stage(cfg, f"benchmark stage {stage}")
@@ -178,14 +179,15 @@ def bench_rounds(stage_obj, stage: int, dataset: str, client_counts, backends, r
 
 def centralized_step(stage_obj, clients, global_params) -> None:
     """One optimizer step over all windows of `clients` as one batch, then the parameters restored."""
-    from recbole_ext.federated.client import make_optimizer, positions_per_pass, train_step
+    from recbole_ext.federated.client import positions_per_pass, train_step
+    from recbole_ext.federated.local_optim import LocalOptimizer
 
     model, windows, cfg = stage_obj.model, stage_obj.windows, stage_obj.cfg
     index = windows.windows_of(clients)
     owners = np.repeat(clients, np.diff(windows.window_offsets)[clients]).tolist()
-    optimizer = make_optimizer(model, cfg["optim"])
-    train_step(model, optimizer, windows, index, owners, cfg["loss"], cfg["optim"]["clip_grad_norm"],
-               torch.Generator().manual_seed(0), positions_per_pass(model, cfg))
+    optimizer = LocalOptimizer(model, cfg["optim"])
+    train_step(model, optimizer, windows, index, owners, cfg["loss"],
+               torch.Generator(windows.device).manual_seed(0), positions_per_pass(model, cfg))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in global_params:
@@ -208,13 +210,14 @@ def bench_evaluation(stage_obj, stage: int, dataset: str, repeats: int, records:
     from recbole.evaluator import Collector
 
     evaluator, model = stage_obj.evaluator, stage_obj.model
+    device = next(model.parameters()).device
 
     @torch.no_grad()
     def full_only():
         model.eval()
         collector = Collector(evaluator.config)
         for interaction, history_index, positive_u, positive_i in evaluator.loaders["valid"]:
-            scores = model.full_sort_predict(interaction).view(-1, evaluator.n_items)
+            scores = model.full_sort_predict(interaction.to(device)).view(-1, evaluator.n_items)
             scores[:, 0] = float("-inf")
             if history_index is not None:
                 scores[history_index] = float("-inf")
@@ -360,11 +363,14 @@ def ratios(records) -> dict:
     }
 
 
-def targets(ratio_values: dict, records) -> dict:
+def targets(ratio_values: dict, records, device: str = "cpu") -> dict:
+    """Each ratio against its target; on a GPU the round may cost 2x the centralized batch (issue 14),
+    on a CPU 1.5x."""
     peak = find(records, kind="round", dataset="ml-1m", stage=3, backend="vectorized", clients=256) or \
         find(records, kind="round", dataset="ml-1m", stage=3, backend="vectorized")
     checks = {"epoch_vs_recbole": (">=", 30), "vectorized_vs_sequential": (">=", 2), "stage3_vs_stage2": (">=", 5),
-              "ray_vs_vectorized": ("<=", 1.5), "eval_both_vs_full": ("<=", 1.2), "round_vs_centralized": ("<=", 1.5)}
+              "ray_vs_vectorized": ("<=", 1.5), "eval_both_vs_full": ("<=", 1.2),
+              "round_vs_centralized": ("<=", 2 if device.startswith("cuda") else 1.5)}
     out = {}
     for key, (op, bound) in checks.items():
         value = ratio_values.get(key)
@@ -431,7 +437,8 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", default=None,
                         help="comma-separated subset of ml-100k,ml-1m (default: ml-100k, and ml-1m unless --quick)")
     parser.add_argument("--stages", default="1,2,3", help="comma-separated subset of 1,2,3")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU script (rounds only)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the stages train and evaluate "
+                                                        "(stock RecBole is timed on the CPU only)")
     args = parser.parse_args(argv)
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())))
@@ -450,8 +457,22 @@ def main(argv=None) -> int:
         datasets = [d for d in datasets if d in wanted]
     records: list[dict] = []
 
+    def result(ratio_values: dict) -> dict:
+        return {"machine": {**info, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+                "quick": args.quick, "device": args.device, "datasets": datasets,
+                "features": "synthetic: 384-d text and 512-d image vectors for every item (seeded)",
+                "seconds_total": round(time.perf_counter() - started, 1),
+                "ratios": ratio_values, "ratio_definitions": RATIO_DEFINITIONS,
+                "ratio_details": {"epoch_vs_recbole_by_backend": epoch_vs_recbole(records)},
+                "targets": targets(ratio_values, records, args.device), "records": records}
+
+    def write(ratio_values: dict) -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result(ratio_values), indent=1) + "\n")
+
     def note(record):
         print(json.dumps(record), flush=True)
+        write(ratios(records))  # as it goes: a run cut short keeps what it measured
 
     with tempfile.TemporaryDirectory(prefix="ur4rec-bench-") as tmp:
         work = Path(tmp)
@@ -459,8 +480,7 @@ def main(argv=None) -> int:
             for stage in (int(x) for x in args.stages.split(",")):
                 # --quick: the faster of two rounds where the ratios are read (stage 1), one elsewhere.
                 repeats = 1 if dataset == "ml-1m" or (args.quick and stage > 1) else 2
-                stage_obj = build_stage(stage, dataset, data, work)
-                stage_obj.model.to(args.device)  # a stage run itself trains on the CPU only
+                stage_obj = build_stage(stage, dataset, data, work, args.device)
                 counts = (64,) if (args.quick and stage == 3) else (64, 256)
                 # The centralized floor only for stage 1 (for stages 2-3 one batch of all the clients'
                 # [positions, candidates, hidden] tensors takes 6-10 GiB).
@@ -469,7 +489,7 @@ def main(argv=None) -> int:
                     bench_stage2_cache(stage_obj, dataset, records, note)
                 # Full ranking with the stage-3 experts scores every (user, item) pair through them:
                 # minutes on ML-1M, so ML-1M evaluation is timed in stage 1 only.
-                if args.device == "cpu" and (stage == 1 or (dataset == "ml-100k" and (stage == 2 or not args.quick))):
+                if stage == 1 or (dataset == "ml-100k" and (stage == 2 or not args.quick)):
                     bench_evaluation(stage_obj, stage, dataset, 3 if stage == 1 else repeats, records, note)
                 del stage_obj
             if not args.skip_recbole and args.device == "cpu":
@@ -479,16 +499,8 @@ def main(argv=None) -> int:
                 bench_recbole(dataset, data, work, hidden, max_len, None if full_epoch else (10 if args.quick else 40),
                               None if full_epoch else (2 if args.quick else 10), records, note)
     ratio_values = ratios(records)
-    result = {"machine": {**info, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
-              "quick": args.quick, "device": args.device, "datasets": datasets,
-              "features": "synthetic: 384-d text and 512-d image vectors for every item (seeded)",
-              "seconds_total": round(time.perf_counter() - started, 1),
-              "ratios": ratio_values, "ratio_definitions": RATIO_DEFINITIONS,
-              "ratio_details": {"epoch_vs_recbole_by_backend": epoch_vs_recbole(records)},
-              "targets": targets(ratio_values, records), "records": records}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"ratios": ratio_values, "seconds_total": result["seconds_total"]}, indent=1))
+    write(ratio_values)
+    print(json.dumps({"ratios": ratio_values, "seconds_total": result(ratio_values)["seconds_total"]}, indent=1))
     return 0
 
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import torch
 
-from .federated.client import make_optimizer, positions_per_pass, train_step
+from .federated.client import positions_per_pass, train_step
+from .federated.local_optim import LocalOptimizer
 from .training import RoundTrainer
 
 
@@ -16,7 +17,7 @@ class CentralizedTrainer(RoundTrainer):
     def __init__(self, recbole_config, model, settings, run, meta):
         super().__init__(recbole_config, model, settings, run, meta)
         opt = settings["optim"]
-        self.local_optimizer = make_optimizer(model, opt)
+        self.local_optimizer = LocalOptimizer(model, opt)
         self.shuffler = np.random.default_rng(settings["seed"])
         self.max_positions = positions_per_pass(model, settings)
 
@@ -27,14 +28,13 @@ class CentralizedTrainer(RoundTrainer):
         owner = np.repeat(np.arange(len(train_data.window_offsets) - 1), np.diff(train_data.window_offsets))
         order = self.shuffler.permutation(len(owner))
         size = self.settings["centralized"]["batch_size"]
-        generator = torch.Generator().manual_seed(self.settings["seed"] * 100_003 + index)
+        generator = torch.Generator(train_data.device).manual_seed(self.settings["seed"] * 100_003 + index)
         totals, weight_sum = {}, 0
         self.model.train()
         for start in range(0, len(order), size):
             batch = order[start:start + size]
             step = train_step(self.model, self.local_optimizer, train_data, torch.from_numpy(batch),
-                              owner[batch].tolist(), self.settings["loss"],
-                              self.settings["optim"]["clip_grad_norm"], generator, self.max_positions)
+                              owner[batch].tolist(), self.settings["loss"], generator, self.max_positions)
             weight = len(batch)
             weight_sum += weight
             for key, value in step.items():

@@ -201,6 +201,7 @@ class TwoProtocolEvaluator:
         model.eval()
         collectors = {p: Collector(self.config) for p in PROTOCOLS}
         device = next(model.parameters()).device
+        negatives = self.negatives.to(device)  # drawn once on the CPU, the same on every device
         users, targets = [], []
         for interaction, history_index, positive_u, positive_i in self.loaders[split]:
             scores = model.full_sort_predict(interaction.to(device)).view(-1, self.n_items)
@@ -209,7 +210,7 @@ class TwoProtocolEvaluator:
                 scores[history_index] = float("-inf")
             collectors["full"].eval_batch_collect(scores, interaction, positive_u, positive_i)
             candidates = torch.cat([interaction[self.iid_field].unsqueeze(1),
-                                    self.negatives[interaction[self.uid_field]]], dim=1).to(device)
+                                    negatives[interaction[self.uid_field]]], dim=1)
             rows = torch.arange(len(candidates))
             collectors["uni100"].eval_batch_collect(scores.gather(1, candidates), interaction, rows,
                                                     torch.zeros_like(rows))

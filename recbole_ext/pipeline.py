@@ -5,6 +5,7 @@ config, data file or checkpoint leaves nothing behind.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,29 @@ def recbole_settings(cfg: dict) -> dict:
     }
 
 
+def check_device(device: str, where: str) -> None:
+    """Refuse a CUDA `device` this machine cannot give, before any data is read."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"{where}: device {device!r}: no CUDA device is available to torch {torch.__version__} "
+                        f"(a CPU build, or no GPU visible); set device: cpu, or install a CUDA build of torch "
+                        f"(README, \"Devices\")")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"{where}: device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def set_determinism(deterministic: bool) -> None:
+    """torch's deterministic kernels on or off for this process (a stage run owns it). cuBLAS needs
+    its workspace setting before its first call on a GPU, so this runs before the model moves there.
+    An operation without a deterministic CUDA kernel warns (naming itself) rather than stop a run."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 @dataclass
 class Split:
     """A config's dataset and leave-one-out split as RecBole builds them: every run that reports
@@ -64,9 +88,7 @@ class Split:
         from .data.atomic import check_interactions
         from .data.dataset import UR4RecDataset
 
-        if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"{where}: device {cfg['device']!r}: no CUDA device is available to torch "
-                            f"{torch.__version__}; set device: cpu")
+        check_device(cfg["device"], where)
         data = cfg["data"]
         inter = Path(data["path"]) / data["dataset"] / f"{data['dataset']}.inter"
         if not inter.is_file():
@@ -103,16 +125,14 @@ class Stage:
         from .model.ur4rec_moe import UR4RecMoE
         from . import stages
 
-        if cfg["device"] != "cpu":
-            # the stage model never leaves the CPU (benchmarks/gpu_round.sh moves one itself to time rounds)
-            raise UserError(f"{where}: device {cfg['device']!r}: stage runs train on the CPU (only "
-                            f"`run.py baseline` uses a GPU); set device: cpu")
         self.cfg, self.where, self.started = cfg, where, time.time()
+        set_determinism(cfg["deterministic"])
         data = cfg["data"]
         split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))
         self.rb_config, self.dataset, self.item_tokens = split.rb_config, split.dataset, split.item_tokens
         init_seed(cfg["seed"], True)
         # Features and memory come from the dataset (data.*_features, model.memory via recbole_settings).
+        # Built on the CPU and then moved, so a run starts from the same weights on every device.
         self.model = UR4RecMoE(self.rb_config, self.dataset)
         self.fingerprint = stages.vocabulary_fingerprint(self.item_tokens)
         self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
@@ -120,8 +140,11 @@ class Stage:
         if cfg["trainer"] == "federated":  # a bad server_lr_groups pattern stops the run before it starts
             stages.check_server_rate_patterns(self.model, cfg["federated"], where)
             check_privacy_settings(cfg, where)
-        self.windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
-        self.gradientless = stages.freeze_gradientless(self.model, self.windows)
+        self.model.set_precision(cfg["precision"])
+        self.model.to(cfg["device"])
+        windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
+        self.gradientless = stages.freeze_gradientless(self.model, windows)
+        self.windows = windows.to(cfg["device"])
         self.trainable = stages.trainable_counts(self.model)
         stages.check_expectations(self.trainable, cfg["expect"], where)
         self.evaluator = split.evaluator(cfg)

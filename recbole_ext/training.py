@@ -125,13 +125,22 @@ class RoundTrainer(Trainer):
                  "stale": self.stale, "best_round": self.best_round, "best_valid": self.best_valid,
                  "records": self.records, "python_rng": random.getstate(),
                  "numpy_rng": _numpy_global_state()}
-        return {"model": self.model.state_dict(), "torch_rng": torch.get_rng_state(),
-                "plain": json.dumps(plain), "extra": self.extra_state()}
+        state = {"model": self.model.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "plain": json.dumps(plain), "extra": self.extra_state()}
+        device = self._device()
+        if device.type == "cuda":  # dropout masks on a GPU come from its own generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def resume_from(self, state: dict) -> None:
         plain = json.loads(state["plain"])
         self.model.load_state_dict(state["model"])
         torch.set_rng_state(state["torch_rng"])
+        if self._device().type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self._device())
         version, internal, gauss = plain["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = plain["numpy_rng"]

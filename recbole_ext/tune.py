@@ -68,6 +68,7 @@ def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[
     if not cfg["tune"]["space"]:
         raise UserError(f"{where}: tune.space is empty; declare at least one key to sweep, e.g. "
                         "optim.learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}")
+    _check_trial_device(cfg, where)
     if not resume:
         _check_new(sweep_dir)
         # Build the base config's stage once here, so that a missing checkpoint or feature file stops
@@ -93,6 +94,21 @@ def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[
     print(_table(best[:5], cfg))
     print(f"sweep folder: {sweep_dir}")
     return rows
+
+
+def _check_trial_device(cfg: dict, where: str) -> None:
+    """Ray shows a trial only the GPUs it reserved, numbered from 0: a CUDA trial needs
+    tune.gpus_per_trial > 0 and device `cuda`; a CPU trial reserves none."""
+    device, gpus = cfg["device"], cfg["tune"]["gpus_per_trial"]
+    if device.startswith("cuda") and gpus == 0:
+        raise UserError(f"{where}: device {device!r} with tune.gpus_per_trial 0: Ray hides every GPU from a "
+                        f"trial that reserves none; set tune.gpus_per_trial (e.g. 1, or 0.5 for two trials a GPU)")
+    if device.startswith("cuda:"):
+        raise UserError(f"{where}: device {device!r}: in a sweep each trial sees its own GPU as `cuda`; "
+                        f"set device: cuda")
+    if device == "cpu" and gpus > 0:
+        raise UserError(f"{where}: tune.gpus_per_trial {gpus:g} with device 'cpu': the trials would hold GPUs "
+                        f"they never use; set device: cuda, or tune.gpus_per_trial: 0")
 
 
 def _check_new(sweep_dir: Path) -> None:

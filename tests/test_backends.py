@@ -312,7 +312,7 @@ def test_a_resumed_ray_run_draws_the_dropout_of_an_uninterrupted_one(tmp_path, r
 
     torch.manual_seed(0)
     uninterrupted = trainer("uninterrupted")
-    first, second = uninterrupted.backend.rng_states()
+    first, second = uninterrupted.backend.rng_states()["cpu"]
     assert not torch.equal(first, second), "the actors share one random stream"
     reference, _ = trained(uninterrupted, [1, 2, 3, 4])
 

@@ -6,12 +6,22 @@ target is trained exactly once per pass, with causal attention inside its window
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .dataset import MEM_ROW
+
+
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array as a tensor on `device`. To a GPU through pinned memory without waiting: a copy
+    from ordinary memory would make the host wait for the device's queue, once per index array."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -23,11 +33,28 @@ class TrainingWindows:
     history: list               # per user: np.ndarray of training item ids (negatives exclude them)
     num_targets: np.ndarray     # [U] training targets per user (FedAvg weights)
     n_items: int
+    # Shapes known on the host, so a backend sizes a cohort's tensors without asking the device:
+    host_targets: np.ndarray     # [W, L] `targets` on the host (a view of them on a CPU)
+    window_lengths: np.ndarray   # [W] real positions (= real input items) of each window
+    distinct_targets: np.ndarray  # [U] distinct training targets per user (the align loss's items)
+    # [U, n_items] bool, True for the items a user's negatives must not be (its history, and padding):
+    # U x n_items bytes (22 MB on ML-1M), so a cohort's rows are one gather on the windows' device.
+    excluded_table: torch.Tensor
 
     @property
     def clients(self) -> np.ndarray:
         """Users with at least one training target: the federated clients."""
         return np.flatnonzero(self.num_targets > 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    def to(self, device) -> "TrainingWindows":
+        """The windows and the exclusion table on `device` (offsets, counts and histories stay on
+        the host, where cohorts are planned)."""
+        return replace(self, inputs=self.inputs.to(device), targets=self.targets.to(device),
+                       mem_rows=self.mem_rows.to(device), excluded_table=self.excluded_table.to(device))
 
     def windows_of(self, users) -> torch.Tensor:
         return torch.from_numpy(np.concatenate(
@@ -35,11 +62,7 @@ class TrainingWindows:
 
     def excluded(self, users) -> torch.Tensor:
         """[len(users), n_items] bool: items a negative must not be (the history, and padding)."""
-        mask = torch.zeros(len(users), self.n_items, dtype=torch.bool)
-        mask[:, 0] = True
-        for row, u in enumerate(users):
-            mask[row, torch.from_numpy(self.history[u])] = True
-        return mask
+        return self.excluded_table[to_device(np.asarray(users, dtype=np.int64), self.device)]
 
 
 def build_training_windows(dataset, train_dataset, max_len: int) -> TrainingWindows:
@@ -53,7 +76,7 @@ def build_training_windows(dataset, train_dataset, max_len: int) -> TrainingWind
     np.maximum.at(last_row, train_users, train_rows)
 
     inputs, targets, mem_rows, window_counts, history = [], [], [], np.zeros(n_users, np.int64), []
-    num_targets = np.zeros(n_users, dtype=np.int64)
+    num_targets, distinct, lengths = np.zeros(n_users, dtype=np.int64), np.zeros(n_users, dtype=np.int64), []
     for u in range(n_users):
         start, end = offsets[u], last_row[u]
         history.append(items[start:end + 1] if end >= start else np.zeros(0, np.int64))
@@ -61,6 +84,7 @@ def build_training_windows(dataset, train_dataset, max_len: int) -> TrainingWind
         if pairs <= 0:
             continue
         num_targets[u] = pairs
+        distinct[u] = len(np.unique(items[start + 1:end + 1]))
         for stop in range(end, start, -max_len):  # windows from the most recent end backwards
             lo = max(start, stop - max_len)
             n = stop - lo
@@ -68,9 +92,18 @@ def build_training_windows(dataset, train_dataset, max_len: int) -> TrainingWind
             seq[:n] = items[lo:stop]
             tgt[:n] = items[lo + 1:stop + 1]
             row[:n] = np.arange(lo + 1, stop + 1)
-            inputs.append(seq), targets.append(tgt), mem_rows.append(row)
+            inputs.append(seq), targets.append(tgt), mem_rows.append(row), lengths.append(n)
             window_counts[u] += 1
     stack = lambda rows: torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, max_len, dtype=torch.long)
-    return TrainingWindows(stack(inputs), stack(targets), stack(mem_rows),
+    excluded = np.zeros((n_users, dataset.item_num), dtype=bool)
+    excluded[:, 0] = True
+    excluded[np.repeat(np.arange(n_users), [len(h) for h in history]), np.concatenate(history)] = True
+    full = np.flatnonzero(excluded.all(1) & (num_targets > 0))
+    if len(full):  # checked once here, so drawing a round's negatives needs no check on the device
+        raise UserError(f"user {full[0]} (internal id) has interacted with every item: no training negative "
+                        f"can be drawn for it")
+    targets = stack(targets)
+    return TrainingWindows(stack(inputs), targets, stack(mem_rows),
                            np.concatenate([[0], np.cumsum(window_counts)]), history, num_targets,
-                           dataset.item_num)
+                           dataset.item_num, targets.numpy(), np.array(lengths, dtype=np.int64), distinct,
+                           torch.from_numpy(excluded))

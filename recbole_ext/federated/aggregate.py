@@ -32,6 +32,11 @@ class RoundSums:
                 value = weights * value
             self.stats[key] = self.stats.get(key, 0.0) + value.detach()
 
+    def to(self, device) -> "RoundSums":
+        """These sums with their tensors on `device` (a Ray actor's sums travel to the driver's)."""
+        move = lambda values: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        return RoundSums(move(self.update), move(self.stats), self.weight, self.clients, self.bytes_up, self.modulus)
+
     def merge(self, other: "RoundSums") -> "RoundSums":
         for name, value in other.update.items():
             if self.modulus is None:

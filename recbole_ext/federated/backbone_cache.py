@@ -49,4 +49,5 @@ class BackboneCache:
                      for i in range(0, len(self.inputs), self.batch_windows)]
         finally:
             self.model.train(was_training)
-        return torch.cat(parts) if parts else torch.zeros(0, self.inputs.shape[1], self.model.hidden_size)
+        return torch.cat(parts) if parts else torch.zeros(0, self.inputs.shape[1], self.model.hidden_size,
+                                                          device=device)

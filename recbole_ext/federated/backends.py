@@ -7,9 +7,10 @@ becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the
 backend. A client's randomness is its own (`client.client_generator`), so the backends agree to float
 rounding for the same seed when dropout is off (tests/test_backends.py).
 
-* `sequential` (here) is the reference: one client after another on the global model object, with
-  the `torch.optim` optimizer of `optim.optimizer`, restoring the global trainable parameters before
-  each client; a client with more than `cohort_positions` positions takes its gradient in parts.
+* `sequential` (here) is the reference: one client after another on the global model object, each
+  with a fresh `LocalOptimizer` (local_optim.py, the optimizer of every backend), restoring the global
+  trainable parameters before each client; a client with more than `cohort_positions` positions
+  takes its gradient in parts.
 * `vectorized` (vectorized.py): cohorts of clients at once with torch.func (stacked parameters).
 * `ray` (ray_backend.py): Ray actors, each running `vectorized` on a shard of the round's clients.
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..data.sequences import TrainingWindows
+from ..data.sequences import TrainingWindows, to_device
 from .aggregate import RoundSums
-from .client import client_generator, make_optimizer, positions_per_pass, train_step
+from .client import client_generator, positions_per_pass, train_step
+from .local_optim import LocalOptimizer
 from .privacy import Uploads
 
 
@@ -50,17 +52,18 @@ class SequentialBackend:
             with torch.no_grad():
                 for name, value in global_params.items():
                     params[name].copy_(value)
-            optimizer = make_optimizer(self.model, opt)
-            generator = client_generator(round_seed, user)
+            optimizer = LocalOptimizer(self.model, opt)
+            generator = client_generator(round_seed, user, self.windows.device)
             index = self.windows.windows_of([user])
             owners = [user] * len(index)
             for _ in range(fed["local_epochs"]):
                 step = train_step(self.model, optimizer, self.windows, index, owners, self.settings["loss"],
-                                  opt["clip_grad_norm"], generator, self.max_positions)
+                                  generator, self.max_positions)
             weight = self.uploads.weights([self.windows.num_targets[user]])
             with torch.no_grad():
                 deltas = {name: (params[name] - value).unsqueeze(0) for name, value in global_params.items()}
-                self.uploads.add(sums, deltas, [user], weight, round_seed, round_clients)
+                self.uploads.add(sums, deltas, [user], to_device(weight.numpy(), self.windows.device), round_seed,
+                                 round_clients)
             sums.add_stats(step, float(weight[0]))
             sums.weight += float(weight[0])
             sums.clients += 1

@@ -163,7 +163,7 @@ class Uploads:
             seed = np.random.SeedSequence([int(round_seed), NOISE_STREAM]).generate_state(1, np.uint64)[0]
             generator = torch.Generator().manual_seed(int(seed))
             std = self.noise_multiplier * self.clip_norm
-            total = {n: v + std * torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v.dtype)
+            total = {n: v + std * torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v)
                      for n, v in total.items()}
         update, stats = RoundSums(total, sums.stats, sums.weight).mean()
         return update, {**stats, "bytes_up": sums.bytes_up}

@@ -2,8 +2,8 @@
 
 Each cohort runs `vmap(grad(loss))` over its clients: one batched forward and backward instead of
 one small one per client, with each client's own gradient clipping, its own optimizer (SGD or
-AdamW, state stacked [C, ...]) and its own negatives, drawn from its own generator exactly as
-`sequential` draws them.
+AdamW of local_optim.py, state stacked [C, ...]) and its own negatives, drawn from its own
+generator exactly as `sequential` draws them.
 Frozen parameters and buffers are shared, never copied per client. The first local step starts every
 client from the global parameters, so they are passed once (not stacked) and the forward runs plain
 matrix products; with one local step (the default), the optimizer's first step is applied in closed
@@ -12,8 +12,9 @@ state is ever made (unless a privacy option needs each client's own change: priv
 
 Shapes: clients are padded to a common number of windows and of trained positions and masked
 (`UR4RecMoE.masked_sequence_loss`). Cohorts are formed from clients sorted by size, so a cohort pads
-no client by more than MAX_PADDING of its positions; a cohort holds at most `cohort_size` clients and
-`cohort_positions` padded positions per gradient pass. A client larger than that is trained in
+no client by more than MAX_PADDING of its positions (GPU_MAX_PADDING on a GPU); a cohort holds at
+most `cohort_size` clients and `cohort_positions` padded positions per gradient pass (both, when
+null, larger on a GPU: `gpu_cohort_size`, `client.default_positions_per_pass`). A client larger than that is trained in
 parts (sets of its windows) whose gradients are added before its optimizer step, so one gradient
 pass never holds more than about `cohort_positions` positions of activations: that bounds memory for
 ML-1M users with 2,000+ interactions (stage 3 holds about 3 MB of activations per position). The
@@ -33,14 +34,22 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
-from ..data.sequences import TrainingWindows
+from ..data.sequences import TrainingWindows, to_device
 from .aggregate import RoundSums
 from .backbone_cache import BackboneCache
-from .client import ADAM_BETAS, ADAM_EPS, client_generator, decays, positions_per_pass, whole_client_stats
+from .client import client_generator, compact, positions_per_pass, whole_client_stats
+from .local_optim import (adamw_, clip_coefficients, decays, first_adamw_step_sum, first_sgd_step_sum,
+                          scale_per_client_, sgd_)
 from .negatives import negatives_from_uniform
 from .privacy import Uploads
 
-MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction
+MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction (on a CPU)
+CPU_COHORT_SIZE = 64  # `federated.cohort_size` null on a CPU
+# On a GPU a cohort's fixed work (a batched pass of some thousand small kernels) costs more than
+# padding's arithmetic: fewer, larger cohorts, as many clients as a quarter of the free memory holds
+# (each client's gradient is a full copy of the trainable parameters), at most GPU_COHORT_SIZE.
+GPU_MAX_PADDING = 1.0
+GPU_COHORT_SIZE = 1024
 
 
 class _Call(nn.Module):
@@ -55,16 +64,17 @@ class _Call(nn.Module):
         return getattr(self.model, self.method)(*args)
 
 
-def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_positions: int) -> list[np.ndarray]:
+def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_positions: int,
+                 max_padding: float = MAX_PADDING) -> list[np.ndarray]:
     """Split `clients` into cohorts (arrays of client ids) of similar size (training positions):
-    sorted by size, a cohort pads none of its clients by more than MAX_PADDING of their size and
+    sorted by size, a cohort pads none of its clients by more than `max_padding` of their size and
     holds at most `max_clients` clients and `max_positions` padded positions (a larger client is a
     cohort of its own, trained in parts)."""
     order = np.argsort(sizes[clients], kind="stable")
     cohorts, current, first = [], [], 0
     for client in clients[order]:
         size = int(sizes[client])
-        if current and (len(current) >= max_clients or size > math.floor(first * (1 + MAX_PADDING))
+        if current and (len(current) >= max_clients or size > math.floor(first * (1 + max_padding))
                         or (len(current) + 1) * size > max_positions):
             cohorts.append(np.array(current))
             current = []
@@ -76,16 +86,14 @@ def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_p
     return cohorts
 
 
-def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's True columns, in order, left-aligned: (index [R, M], real [R, M]), padded with 0."""
-    rows, cols = mask.nonzero(as_tuple=True)
-    rank = (mask.cumsum(1) - 1)[rows, cols]
-    width = max(1, int(mask.sum(1).max())) if mask.numel() else 1
-    index = torch.zeros(mask.shape[0], width, dtype=torch.long)
-    real = torch.zeros(mask.shape[0], width, dtype=torch.bool)
-    index[rows, rank] = cols
-    real[rows, rank] = True
-    return index, real
+def gpu_cohort_size(model) -> int:
+    """`federated.cohort_size` null on a GPU: the clients whose gradients (three copies of the
+    trainable parameters each, with the optimizer's temporaries) fill a quarter of its free memory,
+    between CPU_COHORT_SIZE and GPU_COHORT_SIZE."""
+    device = next(model.parameters()).device
+    per_client = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(GPU_COHORT_SIZE, max(CPU_COHORT_SIZE, free // 4 // max(1, per_client))))
 
 
 class VectorizedBackend:
@@ -95,7 +103,10 @@ class VectorizedBackend:
         self.windows = windows
         self.settings = settings
         fed = settings["federated"]
-        self.cohort_size = fed["cohort_size"]
+        self.device = windows.device
+        on_gpu = self.device.type == "cuda"
+        self.cohort_size = fed["cohort_size"] or (gpu_cohort_size(model) if on_gpu else CPU_COHORT_SIZE)
+        self.max_padding = GPU_MAX_PADDING if on_gpu else MAX_PADDING
         self.cohort_positions = positions_per_pass(model, settings)
         self.window_counts = np.diff(windows.window_offsets)
         self.cache = BackboneCache(model, windows.inputs) if own_cache and model.backbone_frozen() else None
@@ -115,7 +126,7 @@ class VectorizedBackend:
         round_clients = clients if round_clients is None else round_clients
         sums = self.uploads.zeros(global_params)
         cohorts = plan_cohorts(np.asarray(clients), self.windows.num_targets, self.cohort_size,
-                               self.cohort_positions)
+                               self.cohort_positions, self.max_padding)
         # Frozen parameters and buffers, shared by every client (in_dims None below).
         frozen = {f"model.{name}": value for name, value in self.model.named_parameters() if name not in global_params}
         frozen.update({f"model.{name}": value for name, value in self.model.named_buffers()})
@@ -134,6 +145,9 @@ class VectorizedBackend:
         weight_decay = [opt["weight_decay"] if decays(name, global_params[name]) else 0.0 for name in names]
         parts, whole = self._cohort_parts(cohort, round_seed, states)
         device = next(iter(global_params.values())).device
+        # Weights and their sum from the host's target counts: nothing here waits for the device.
+        host_weights = self.uploads.weights(self.windows.num_targets[cohort])
+        weights, total_weight = to_device(host_weights.numpy(), device), float(host_weights.sum())
 
         def loss(trainable, shared, *inputs):
             values = {**shared, **{f"model.{name}": value for name, value in trainable.items()}}
@@ -164,14 +178,14 @@ class VectorizedBackend:
             return grads, stats, clip
 
         grads, stats, clip = gradients(global_params, False, 0)
-        weights = self.uploads.weights(self.windows.num_targets[cohort]).to(device)
         sgd = opt["optimizer"] == "sgd"
         if epochs == 1 and not self.uploads.per_client:
             # One step from a fresh optimizer, in closed form, summed over the cohort at once: no
             # stacked parameter or moment copies. The privacy options (clipping, masks, sparse rows)
             # act on each client's own change, so they take the stacked path below.
             first_step_sum = first_sgd_step_sum if sgd else first_adamw_step_sum
-            updates = first_step_sum(grads, clip, weights, [global_params[n] for n in names], lr, weight_decay)
+            updates = first_step_sum(grads, clip, weights, total_weight, [global_params[n] for n in names], lr,
+                                     weight_decay)
             dense_bytes = sum(p.numel() * p.element_size() for p in global_params.values())
             self.uploads.add_summed(sums, dict(zip(names, updates)), len(cohort), dense_bytes)
         else:
@@ -193,7 +207,7 @@ class VectorizedBackend:
                 deltas = {n: value.sub_(global_params[n]) for n, value in zip(names, stacked)}
                 self.uploads.add(sums, deltas, cohort, weights, round_seed, round_clients)
         sums.add_stats(stats, weights)
-        sums.weight += float(weights.sum())
+        sums.weight += total_weight
         sums.clients += len(cohort)
 
     @torch.no_grad()
@@ -215,23 +229,30 @@ class VectorizedBackend:
 
     def _cohort_parts(self, cohort, round_seed: int, states) -> tuple[list[dict], dict]:
         """The cohort's inputs, as a list of parts (one unless a client is too large for one pass),
-        plus the whole-cohort targets, negatives and position weights (for `_route_means`)."""
+        plus the whole-cohort targets, negatives and position weights (for `_route_means`).
+
+        Built on the windows' device; every shape comes from counts the host holds (`_host` arrays),
+        so assembling a cohort never waits for the device."""
         w, loss_cfg, epochs = self.windows, self.settings["loss"], self.settings["federated"]["local_epochs"]
-        length = w.inputs.shape[1]
+        device, length = self.device, w.inputs.shape[1]
         starts, counts = w.window_offsets[cohort], self.window_counts[cohort]
         slots = np.arange(counts.max())
-        present = slots[None, :] < counts[:, None]  # [C, W]
-        index = torch.from_numpy(np.where(present, starts[:, None] + slots[None, :], 0))
-        present = torch.from_numpy(present).unsqueeze(-1)
+        present_host = slots[None, :] < counts[:, None]  # [C, W]
+        index_host = np.where(present_host, starts[:, None] + slots[None, :], 0)
+        sizes_host = np.where(present_host, w.window_lengths[index_host], 0)  # real positions per window
+        totals_host = w.num_targets[cohort]
+        width = int(totals_host.max())  # positions of the largest client
+        index = to_device(index_host, device)
+        present = to_device(present_host, device).unsqueeze(-1)
         inputs = w.inputs[index] * present  # [C, W, L]; padding windows are all zeros
         targets = (w.targets[index] * present).flatten(1)  # [C, W * L]
         mem_rows = (w.mem_rows[index] * present).flatten(1)
         valid = targets > 0
-        totals = valid.sum(1)
+        totals = to_device(totals_host, device)
         ordinal = valid.cumsum(1) - 1  # rank of each real position among its client's, in row-major order
 
         # Every client's negatives for every local step, in the order `sequential` draws them.
-        position, real = compact(valid)  # [C, P]
+        position, real = compact(valid, width)  # [C, P]
         negatives = None
         if loss_cfg["type"] != "ce":
             num = loss_cfg["num_negatives"]
@@ -239,25 +260,32 @@ class VectorizedBackend:
             # (step by step), then mapped to items for the whole cohort at once.
             draws = [[] for _ in range(epochs)]
             for i, user in enumerate(cohort):
-                generator = client_generator(round_seed, user)
+                generator = client_generator(round_seed, user, device)
                 for step in range(epochs):
-                    draws[step].append(torch.rand(int(totals[i]), num, generator=generator))
-            owner = torch.repeat_interleave(torch.arange(len(cohort)), totals)
-            excluded = w.excluded([int(u) for u in cohort])
+                    draws[step].append(torch.rand(int(totals_host[i]), num, generator=generator, device=device))
+            clients = np.arange(len(cohort))
+            owner = to_device(np.repeat(clients, totals_host), device)
+            excluded = w.excluded(cohort)
             items = torch.stack([negatives_from_uniform(excluded, owner, torch.cat(d)) for d in draws])
-            # [E, C, P, num]; padding rows get item 1: a real item, scored at weight 0.
-            negatives = torch.ones(epochs, len(cohort), position.shape[1], num, dtype=torch.long)
-            negatives[:, real] = items
-        align_items, align_mask = self._align_items(targets)
+            # [E, C, P, num]; padding rows get item 1: a real item, scored at weight 0. Client c's
+            # draws go to its first totals[c] slots.
+            first = np.repeat(np.cumsum(totals_host) - totals_host, totals_host)
+            slot = np.repeat(clients * width, totals_host) + np.arange(int(totals_host.sum())) - first
+            negatives = torch.ones(epochs, len(cohort) * width, num, dtype=torch.long, device=device)
+            negatives[:, to_device(slot, device)] = items
+            negatives = negatives.view(epochs, len(cohort), width, num)
+        align_items, align_mask = self._align_items(targets, int(w.distinct_targets[cohort].max()))
         whole = {"targets": targets.gather(1, position) * real, "negatives": negatives,
                  "weight": real / totals.clamp_min(1).unsqueeze(1).to(torch.float32)}
 
-        part_count = math.ceil(len(cohort) * int(totals.max()) / self.cohort_positions)
+        part_count = math.ceil(len(cohort) * width / self.cohort_positions)
         part_windows = math.ceil(inputs.shape[1] / part_count)
+        window = torch.div(torch.arange(targets.shape[1], device=device), length, rounding_mode="floor")
         parts = []
         for start in range(0, inputs.shape[1], part_windows):
-            window = torch.div(torch.arange(targets.shape[1]), length, rounding_mode="floor")
-            column, real = compact(valid & (window >= start) & (window < start + part_windows))
+            held = sizes_host[:, start:start + part_windows]
+            column, real = compact(valid & (window >= start) & (window < start + part_windows),
+                                   int(held.sum(1).max()))
             part = {"positions": (column - start * length) * real,
                     "targets": targets.gather(1, column) * real,
                     "mem_rows": mem_rows.gather(1, column) * real,
@@ -269,124 +297,55 @@ class VectorizedBackend:
                 rank = ordinal.gather(1, column) * real
                 part["negatives"] = negatives.gather(2, rank[None, :, :, None].expand(epochs, -1, -1, negatives.shape[3]))
             if states is None:
-                part.update(states=None, **trim_windows(inputs[:, start:start + part_windows], column - start * length, real))
+                part.update(states=None, **trim_windows(inputs[:, start:start + part_windows], column - start * length,
+                                                        real, held))
             else:  # frozen backbone: its output at each position, looked up; no transformer at all
                 flat = index.gather(1, column // length) * length + column % length
                 part.update(item_seq=None, tail_seq=None, states=states.flatten(0, 1)[flat.to(states.device)])
             parts.append(part)
         return parts, whole
 
-    def _align_items(self, targets: torch.Tensor):
-        """Each client's distinct targets, [C, U] padded with 0, and the mask of real entries."""
+    def _align_items(self, targets: torch.Tensor, width: int):
+        """Each client's distinct targets, [C, U] padded with 0, and the mask of real entries; `width`:
+        the most distinct targets of a client (TrainingWindows.distinct_targets)."""
         if not self.model.use_align:
-            return torch.zeros(len(targets), 1, dtype=torch.long), torch.zeros(len(targets), 1, dtype=torch.bool)
+            return (torch.zeros(len(targets), 1, dtype=torch.long, device=targets.device),
+                    torch.zeros(len(targets), 1, dtype=torch.bool, device=targets.device))
         # Sort each row, keep the first of every run of equal items; padding (0) sorts first and is dropped.
         ordered, _ = torch.sort(targets, dim=1)
         first = torch.ones_like(ordered, dtype=torch.bool)
         first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-        column, real = compact(first & (ordered > 0))
+        column, real = compact(first & (ordered > 0), width)
         return ordered.gather(1, column) * real, real
 
 
-def trim_windows(windows: torch.Tensor, column: torch.Tensor, real: torch.Tensor) -> dict:
+def trim_windows(windows: torch.Tensor, column: torch.Tensor, real: torch.Tensor,
+                 sizes: np.ndarray | None = None) -> dict:
     """Drop the transformer's work on padding: the cohort's padding windows go, and each client's
     window shorter than L (the oldest one) moves to `tail_seq` [C, 1, T], cut to the longest such
-    length T. windows [C, W, L]; column [C, P] positions into W * L (real ones where `real`).
+    length T. windows [C, W, L]; column [C, P] positions into W * L (real ones where `real`); sizes
+    [C, W] each window's real items, on the host (None: counted from `windows`, waiting for the device).
     Returns item_seq [C, F, L] (the full windows, or None), tail_seq (or None), and the positions
     re-indexed into item_seq's F * L followed by tail_seq's T, as `masked_sequence_loss` reads them."""
-    length = windows.shape[2]
-    sizes = (windows > 0).sum(-1)  # [C, W] real items per window (right-padded)
-    full = sizes == length
-    short = (sizes > 0) & ~full  # at most one per client: the oldest window
-    keep, kept = compact(full)  # [C, F]
-    tail_length = int(sizes[short].max()) if bool(short.any()) else 0
+    length, device = windows.shape[2], windows.device
+    if sizes is None:
+        sizes = (windows > 0).sum(-1).cpu().numpy()
+    full_host = sizes == length
+    short_host = (sizes > 0) & ~full_host  # at most one per client: the oldest window
+    count = int(full_host.sum(1).max()) if full_host.size else 0  # the most full windows of a client
+    tail_length = int(sizes[short_host].max()) if short_host.any() else 0
+    full, short = (to_device(m, device) for m in (full_host, short_host))
     window, offset = torch.div(column, length, rounding_mode="floor"), column % length
     in_tail = short.gather(1, window)
     slot = (full.cumsum(1) - 1).gather(1, window)  # rank of a full window among the client's full ones
-    count = keep.shape[1] if bool(kept.any()) else 0
     positions = torch.where(in_tail, count * length + offset, slot * length + offset) * real
-    item_seq = (windows.gather(1, keep.unsqueeze(-1).expand(-1, -1, length)) * kept.unsqueeze(-1)) if count else None
+    item_seq = None
+    if count:
+        keep, kept = compact(full, count)  # [C, F]
+        item_seq = windows.gather(1, keep.unsqueeze(-1).expand(-1, -1, length)) * kept.unsqueeze(-1)
     tail_seq = None
     if tail_length:
-        which = short.to(torch.long).argmax(1)  # the short window (or 0, zeroed below, if none)
-        tail_seq = (windows[torch.arange(len(windows)), which, :tail_length] * short.any(1, keepdim=True)).unsqueeze(1)
+        which = to_device(short_host.argmax(1), device)  # the short window (or 0, zeroed below, if none)
+        tail_seq = (windows[torch.arange(len(windows), device=device), which, :tail_length]
+                    * short.any(1, keepdim=True)).unsqueeze(1)
     return {"item_seq": item_seq, "tail_seq": tail_seq, "positions": positions}
-
-
-@torch.no_grad()
-def clip_coefficients(grads: list, max_norm: float) -> torch.Tensor:
-    """[C]: the factor `torch.nn.utils.clip_grad_norm_` scales each client's (dim 0) gradients by."""
-    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads])  # [n_params, C]
-    return (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
-
-
-def _per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.ndim - 1)))
-
-
-@torch.no_grad()
-def scale_per_client_(grads: list, coef: torch.Tensor) -> None:
-    for g in grads:
-        g.mul_(_per_client(coef, g))
-
-
-@torch.no_grad()
-def adamw_(params: list, grads: list, exp_avg: list, exp_avg_sq: list, step: int, lr: float,
-           weight_decay: list) -> None:
-    """torch.optim.AdamW's step (foreach form, same operation order), on stacked per-client tensors."""
-    beta1, beta2 = ADAM_BETAS
-    for p, decay in zip(params, weight_decay):
-        if decay:
-            p.mul_(1 - lr * decay)
-    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sq, beta2)
-    torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
-    step_size = -lr / (1 - beta1 ** step)
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
-    torch._foreach_add_(denom, ADAM_EPS)
-    torch._foreach_addcdiv_(params, exp_avg, denom, step_size)
-
-
-def sgd_(params: list, grads: list, lr: float, weight_decay: list) -> None:
-    """torch.optim.SGD's step (no momentum; decay added to the gradient), on stacked per-client tensors."""
-    for p, g, decay in zip(params, grads, weight_decay):
-        p.sub_(g.add(p, alpha=decay) if decay else g, alpha=lr)
-
-
-@torch.no_grad()
-def first_sgd_step_sum(grads: list, clip: torch.Tensor | None, weights: torch.Tensor, params: list,
-                       lr: float, weight_decay: list) -> list:
-    """sum_c weights[c] * (the parameter change of client c's first SGD step): -lr (c_c g_c + decay p)."""
-    scale = weights if clip is None else weights * clip
-    total = float(weights.sum())
-    out = []
-    for g, p, decay in zip(grads, params, weight_decay):
-        update = torch.einsum("c,c...->...", scale.to(g.dtype), g).mul_(-lr)
-        if decay:
-            update.sub_(p, alpha=lr * decay * total)
-        out.append(update)
-    return out
-
-
-@torch.no_grad()
-def first_adamw_step_sum(grads: list, clip: torch.Tensor | None, weights: torch.Tensor, params: list,
-                         lr: float, weight_decay: list) -> list:
-    """sum_c weights[c] * (the parameter change of client c's first AdamW step), per parameter.
-
-    With zero moments, step 1 has m = (1 - b1) g and v = (1 - b2) g^2 and the bias corrections
-    cancel the (1 - b) factors: delta = -lr * g / (|g| + eps) - lr * weight_decay * p. Clipping by a
-    factor c gives c g / (c |g| + eps) = g / (|g| + eps / c), so the clipped gradient is never
-    formed. This equals torch.optim.AdamW's first step up to float rounding (tests/test_backends.py
-    checks it). `grads` is overwritten.
-    """
-    eps = ADAM_EPS if clip is None else ADAM_EPS / clip
-    total = float(weights.sum())
-    out = []
-    for g, p, decay in zip(grads, params, weight_decay):
-        denom = g.abs().add_(eps if clip is None else _per_client(eps, g))
-        update = torch.einsum("c,c...->...", weights.to(g.dtype), g.div_(denom)).mul_(-lr)
-        if decay:
-            update.sub_(p, alpha=lr * decay * total)
-        out.append(update)
-    return out

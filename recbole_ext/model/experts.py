@@ -12,10 +12,13 @@ import torch.nn.functional as F
 
 
 def masked_softmax(logits: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim restricted to `available`; all-unavailable rows give zeros."""
-    logits = logits.masked_fill(~available, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(weights, nan=0.0)
+    """Softmax over the last dim restricted to `available`; all-unavailable rows give zeros.
+
+    Unavailable entries get the dtype's lowest finite value, not -inf: elsewhere exp() of it is
+    exactly 0, and a row with nothing available is uniform before the mask zeroes it, so no NaN
+    appears in the forward or the backward pass, in any precision."""
+    logits = logits.masked_fill(~available, torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1) * available.to(logits.dtype)
 
 
 class AlignGating(nn.Module):

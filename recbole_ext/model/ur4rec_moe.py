@@ -13,6 +13,7 @@ checkpoint is a SASRec checkpoint and stage-1 scores are SASRec's scores.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 
 import torch
@@ -49,6 +50,10 @@ DEFAULTS = {
 # Full-catalogue scoring with align or experts on builds [rows, n_items, H] tensors: rows are taken in
 # chunks of about this many elements per such tensor, so memory stays bounded at any batch size.
 SCORE_CHUNK_ELEMENTS = 2 ** 23
+# Evaluation on a GPU takes larger chunks, sized to half its free memory, counting this many float32
+# [rows, n_items, H] tensors alive at once in `score` without gradients (experts, fusion, gate).
+LIVE_SCORE_TENSORS = 16
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def per_item(fn, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -75,6 +80,7 @@ class UR4RecMoE(SASRec):
         self.lambda_align = float(config["lambda_align"])
         self.lambda_lb = float(config["lambda_lb"])
         self.align_temperature = float(config["align_temperature"])
+        self.autocast_dtype = None  # `set_precision`
 
         side = self._side_info(config, dataset) if side is None else side
         if self.uses_content() and not (side.text_available.any() or side.image_available.any()):
@@ -141,13 +147,26 @@ class UR4RecMoE(SASRec):
                 module.eval()
         return self
 
+    def set_precision(self, precision: str) -> None:
+        """`fp32`, or `bf16`: the backbone runs under bfloat16 autocast (in training and evaluation,
+        on every backend) and hands states in the parameters' dtype (float32) to the scoring, losses
+        and experts."""
+        self.autocast_dtype = PRECISIONS[precision]
+
+    def _backbone_precision(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.item_embedding.weight.device.type, dtype=self.autocast_dtype)
+
     def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """Backbone output at every position, causal: [B, L] -> [B, L, H]."""
-        positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
-        hidden = self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions))
-        hidden = self.dropout(hidden)
-        mask = self.get_attention_mask(item_seq)
-        return self.trm_encoder(hidden, mask, output_all_encoded_layers=True)[-1]
+        """Backbone output at every position, causal: [B, L] -> [B, L, H], in the parameters' dtype."""
+        with self._backbone_precision():
+            positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
+            hidden = self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions))
+            hidden = self.dropout(hidden)
+            mask = self.get_attention_mask(item_seq)
+            out = self.trm_encoder(hidden, mask, output_all_encoded_layers=True)[-1]
+        return out.to(self.item_embedding.weight.dtype)
 
     def forward(self, item_seq, item_seq_len):
         return self.gather_indexes(self.encode(item_seq), item_seq_len - 1)
@@ -230,15 +249,21 @@ class UR4RecMoE(SASRec):
         route = table[torch.cat([targets.unsqueeze(1), negatives], dim=1)].mean(1)  # [P, 2]
         return (route * weight.unsqueeze(1)).sum(0)
 
-    def _rows_per_chunk(self) -> int:
-        return max(1, SCORE_CHUNK_ELEMENTS // (self.n_items * self.hidden_size))
+    def _rows_per_chunk(self, device: torch.device | None = None) -> int:
+        """Rows per full-catalogue scoring chunk; on a GPU without gradients (evaluation), as many as
+        half its free memory holds, so a batch is one chunk or a few rather than rows by the dozen."""
+        elements = SCORE_CHUNK_ELEMENTS
+        if device is not None and device.type == "cuda" and not torch.is_grad_enabled():
+            free, _ = torch.cuda.mem_get_info(device)
+            elements = max(elements, free // (2 * LIVE_SCORE_TENSORS * 4))
+        return max(1, elements // (self.n_items * self.hidden_size))
 
     def _score_all_items(self, state, memory):
         """Full-catalogue scores, in row chunks so [rows, n_items, H] tensors stay small."""
         candidates = torch.arange(self.n_items, device=state.device).unsqueeze(0)
         if not (self.use_align or self.use_experts):  # a plain matmul: no [rows, n_items, H] tensors
             return self.score(state, candidates, memory)[0]
-        rows = self._rows_per_chunk()
+        rows = self._rows_per_chunk(state.device)
         projections = self.item_projections()
         return torch.cat([self.score(state[i:i + rows], candidates, memory[i:i + rows], projections)[0]
                           for i in range(0, state.shape[0], rows)])
@@ -394,7 +419,10 @@ class UR4RecMoE(SASRec):
             have = self.available[items, column] & mask
             count = have.sum()
             z = F.normalize(proj(feats[items]), dim=-1)
-            logits = (z @ target.T / self.align_temperature).masked_fill(~have.unsqueeze(0), -1e9)
+            logits = z @ target.T / self.align_temperature
+            # The lowest finite value of the logits' dtype, never -inf: a row whose every column is
+            # excluded (a target without this modality) stays finite, and weighs 0 below.
+            logits = logits.masked_fill(~have.unsqueeze(0), torch.finfo(logits.dtype).min)
             per_row = F.cross_entropy(logits, labels, reduction="none")
             losses.append((per_row * have).sum() / count.clamp_min(1))
             active.append(count >= 2)
