@@ -55,14 +55,14 @@ def server_view(backend, user: int, global_params: dict, round_seed: int, round_
 
 def item_scores(rows: torch.Tensor) -> dict:
     """Per item (row 1.. of the item-embedding upload): each score of SCORES."""
-    rows = rows[1:].double()
+    rows = rows[1:].double().cpu()  # a GPU run's upload is on its device
     return {"row_norm": rows.norm(dim=1).numpy(), "row_sent": rows.ne(0).any(1).double().numpy()}
 
 
 def projector_response(update: torch.Tensor, features: torch.Tensor, available: torch.Tensor) -> np.ndarray:
     """Per item (row 1.. of the feature table): ||dW u_i|| / ||u_i||, u_i the item's centred feature
     vector; 0 for an item without the modality."""
-    feats, have = features[1:].double(), available[1:]
+    feats, have, update = features[1:].double().cpu(), available[1:].cpu(), update.cpu()
     centred = feats - feats[have].mean(0)
     response = (centred @ update.double().T).norm(dim=1) / centred.norm(dim=1).clamp_min(1e-12)
     return torch.where(have, response, torch.zeros_like(response)).numpy()
