@@ -146,7 +146,9 @@ def _fit(cfg: dict, sweep_dir: Path, resume: bool) -> None:
         if resume:
             if not tune.Tuner.can_restore(str(sweep_dir)):
                 raise UserError(f"{sweep_dir}: Ray Tune cannot restore this sweep (no experiment state)")
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable)
+            # A failed trial runs again (from its run folder's last saved state, as an unfinished one):
+            # what made it fail (a file since fixed, a killed worker) may be gone; if not, it fails again.
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space=_param_space(t["space"]),
                                tune_config=_tune_config(cfg),

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,16 @@ def test_a_trial_that_fails_says_why_in_its_row_and_the_sweep_goes_on(stage1, fe
     assert failed["status"] == "error" and str(missing) in failed["error"] and "\n" not in failed["error"]
     assert rows[Path(features["text"]).name]["status"] == "ok"
     assert f"{failed['trial']} error: " in out.getvalue() and "(1 ok, 0 pruned, 0 diverged, 1 error)" in out.getvalue()
+
+    # once the file exists, a resume runs the failed trial again and keeps the finished one
+    shutil.copy(features["text"], missing)
+    finished = (sweep_dir / rows[Path(features["text"]).name]["trial"] / "run" / "metrics.jsonl").read_bytes()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run.main(["tune", "--resume", str(sweep_dir)]) == 0
+    with open(sweep_dir / "trials.csv") as f:
+        assert {row["trial"]: row["status"] for row in csv.DictReader(f)} == {
+            failed["trial"]: "ok", rows[Path(features["text"]).name]["trial"]: "ok"}
+    assert (sweep_dir / rows[Path(features["text"]).name]["trial"] / "run" / "metrics.jsonl").read_bytes() == finished
 
 
 @pytest.mark.slow
