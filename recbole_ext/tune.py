@@ -6,7 +6,8 @@ runs each trial as one in-process stage run (`Stage.run`) that reports every val
 
     sweep.yaml      the resolved config the sweep started from (`--resume` reads it back)
     trial_<id>/     Tune's trial folder; run/ inside is the trial's run folder (metrics.jsonl, best.pt, ...)
-    trials.csv      one row per trial: its values, status ok|pruned|diverged|error, best validation metrics
+    trials.csv      one row per trial: its values, status ok|pruned|diverged|error (|unfinished: --report of
+                    a sweep still running), best validation metrics
     best.yaml       the config with the winning values, runnable with `run.py --config`
     stability.png   learning rate x projector init gain, each trial's best metric, diverged trials marked
     loss_curves.png training loss per round of the best stable trial, the worst one and the diverged ones
@@ -42,14 +43,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set tune.trials=4 (repeatable)")
     parser.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    parser.add_argument("--report", metavar="SWEEP_DIR",
+                        help="write trials.csv and the plots from the trials so far (of a running, stopped or "
+                             "finished sweep); trials that have not ended are 'unfinished'")
     args = parser.parse_args(argv)
+    if args.report:
+        if args.config or args.set or args.resume:
+            raise UserError("--report reads a sweep folder as it is; drop --config, --set and --resume")
+        sweep_dir = _sweep_folder(args.report)
+        report(load_config(sweep_dir / SWEEP_CONFIG, saved=True), sweep_dir, _saved_trials(sweep_dir), final=False)
+        return
     if args.resume:
         if args.config or args.set:
             raise UserError("--resume continues a sweep with the config it started with "
                             "(SWEEP_DIR/sweep.yaml); drop --config and --set")
-        sweep_dir = Path(args.resume).resolve()
-        if not (sweep_dir / SWEEP_CONFIG).is_file():
-            raise UserError(f"{sweep_dir}: not a sweep folder (it has no {SWEEP_CONFIG})")
+        sweep_dir = _sweep_folder(args.resume)
         cfg = load_config(sweep_dir / SWEEP_CONFIG, saved=True)
         where = str(sweep_dir / SWEEP_CONFIG)
     elif args.config:
@@ -58,6 +66,13 @@ def main(argv: list[str]) -> None:
     else:
         parser.error("--config (a new sweep) or --resume SWEEP_DIR is required")
     sweep(cfg, where, sweep_dir, resume=bool(args.resume))
+
+
+def _sweep_folder(path: str) -> Path:
+    sweep_dir = Path(path).resolve()
+    if not (sweep_dir / SWEEP_CONFIG).is_file():
+        raise UserError(f"{sweep_dir}: not a sweep folder (it has no {SWEEP_CONFIG})")
+    return sweep_dir
 
 
 def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[dict]:
@@ -81,11 +96,25 @@ def sweep(cfg: dict, where: str, sweep_dir: Path, resume: bool = False) -> list[
     trials = _saved_trials(sweep_dir)
     if len(trials) < _planned_trials(cfg) or any(t.status not in ("TERMINATED", "ERROR") for t in trials):
         raise SystemExit(f"sweep interrupted; continue it with: python run.py tune --resume {sweep_dir}")
-    rows = sorted((row_of(cfg, Path(t.path), t.config, t.last_result, t.get_error()) for t in trials),
-                  key=lambda r: r["trial"])
+    return report(cfg, sweep_dir, trials, final=True)
+
+
+def report(cfg: dict, sweep_dir: Path, trials: list, final: bool) -> list[dict]:
+    """Write trials.csv, the plots and (`final`: the sweep has ended) best.yaml from Tune's `trials`,
+    print the best trials; return the rows."""
+    rows = []
+    for t in trials:
+        row = row_of(cfg, Path(t.path), t.config, t.last_result or {}, t.get_error())
+        if t.status not in ("TERMINATED", "ERROR"):
+            row["status"] = "unfinished"
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial"])
     _write_csv(rows, cfg, sweep_dir / "trials.csv")
     best = ranked(rows, cfg)
-    if best and best[0]["status"] in ("ok", "pruned"):
+    if not final:
+        print(f"{sum(r['status'] != 'unfinished' for r in rows)} of {_planned_trials(cfg)} trials ended; "
+              "best.yaml is written when the sweep ends")
+    elif best and best[0]["status"] in ("ok", "pruned"):
         _write_best(cfg, best[0], sweep_dir)
     else:
         print("no trial finished without diverging or failing: best.yaml not written")

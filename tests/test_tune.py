@@ -227,6 +227,15 @@ def test_a_trial_that_fails_says_why_in_its_row_and_the_sweep_goes_on(stage1, fe
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_report_of_a_finished_sweep_writes_the_same_table(sweep, capsys):
+    table = (sweep["dir"] / "trials.csv").read_text()
+    (sweep["dir"] / "trials.csv").unlink()
+    assert run.main(["tune", "--report", str(sweep["dir"])]) == 0
+    assert (sweep["dir"] / "trials.csv").read_text() == table
+    assert "best trials:" in capsys.readouterr().out
+
+
 def test_the_stage2_criterion_compares_with_stage1(sweep, stage1):
     stage1_hit = json.loads((stage1 / "summary.json").read_text())["valid"]["uni100"]["hit@10"]
     ok = read_rows(sweep["dir"])["0.003"]
@@ -273,6 +282,14 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     output = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and f"run.py tune --resume {sweep_dir}" in output, output[-3000:]
     assert not (sweep_dir / "trials.csv").exists()
+    # --report of the stopped sweep: the ended trial as it ended, the cut one unfinished, no winner yet
+    reported = subprocess.run([sys.executable, str(ROOT / "run.py"), "tune", "--report", str(sweep_dir)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    with open(sweep_dir / "trials.csv") as f:
+        statuses = {row["trial"]: row["status"] for row in csv.DictReader(f)}
+    assert statuses[first] == "ok" and sorted(statuses.values()) == ["ok", "unfinished"]
+    assert "1 of 2 trials ended" in reported.stdout and not (sweep_dir / "best.yaml").exists()
     before = (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns
     round1 = read_metrics(started[0])[0]
 
