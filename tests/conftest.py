@@ -47,3 +47,15 @@ def tiny_config(stage_file: str, run_dir: Path, features: dict | None = None, se
     if features:
         base += [f"data.text_features={features['text']}", f"data.image_features={features['image']}"]
     return load_config(ROOT / "yamls" / stage_file, [*base, *sets])
+
+
+def fresh_trainer(stage, initial: dict, folder: Path):
+    """A federated trainer of `stage` that starts from the `initial` weights into a new run folder
+    (the tests that stop and resume a run build several from one stage)."""
+    from recbole_ext.federated.trainer import FederatedTrainer
+    from recbole_ext.runs import RunFolder
+
+    stage.model.load_state_dict(initial)
+    run = RunFolder(folder)
+    run.create(stage.cfg)
+    return FederatedTrainer(stage.rb_config, stage.model, stage.cfg, run, {}, stage.windows)

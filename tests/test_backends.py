@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, fresh_trainer, tiny_config
 from recbole_ext.config import load_config
 from recbole_ext.federated.aggregate import RoundSums
 from recbole_ext.federated.backbone_cache import BackboneCache
@@ -297,10 +297,7 @@ def test_a_resumed_ray_run_draws_the_dropout_of_an_uninterrupted_one(tmp_path, r
     initial = {k: v.clone() for k, v in stage.model.state_dict().items()}
 
     def trainer(name):
-        stage.model.load_state_dict(initial)
-        run = RunFolder(tmp_path / name)
-        run.create(stage.cfg)
-        return FederatedTrainer(stage.rb_config, stage.model, stage.cfg, run, {}, stage.windows)
+        return fresh_trainer(stage, initial, tmp_path / name)
 
     def trained(trainer, rounds):
         for index in rounds:

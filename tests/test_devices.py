@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, fresh_trainer, tiny_config
 from recbole_ext.federated.negatives import negatives_from_uniform, nth_allowed
 from recbole_ext.federated.vectorized import compact
 from recbole_ext.pipeline import Stage
@@ -117,19 +117,13 @@ def test_a_stage_trains_on_cuda_like_on_the_cpu(backend, tmp_path):
 def test_a_cuda_run_resumed_from_its_state_matches_the_uninterrupted_one(tmp_path):
     """Dropout on, so the CUDA generator's state matters; deterministic kernels, so the same
     rounds repeat bit for bit (README "Devices": without them, they agree to rounding)."""
-    from recbole_ext.federated.trainer import FederatedTrainer
-    from recbole_ext.runs import RunFolder
-
     sets = ["device=cuda", "deterministic=true", "model.hidden_dropout_prob=0.2", "model.attn_dropout_prob=0.2",
             "federated.backend=vectorized"]
     stage = Stage(tiny_config("stage1.yaml", tmp_path / "built", None, sets), "stage1.yaml")
     initial = {k: v.clone() for k, v in stage.model.state_dict().items()}
 
     def trainer(name):
-        stage.model.load_state_dict(initial)
-        run = RunFolder(tmp_path / name)
-        run.create(stage.cfg)
-        return FederatedTrainer(stage.rb_config, stage.model, stage.cfg, run, {}, stage.windows)
+        return fresh_trainer(stage, initial, tmp_path / name)
 
     torch.manual_seed(0)
     uninterrupted = trainer("uninterrupted")

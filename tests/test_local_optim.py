@@ -62,23 +62,25 @@ def test_three_steps_equal_torch_optim(name, clip):
     assert moved.tolist() == [False, True, True, True, True, False, False]
 
 
+def steps(optimizer, model, x, count: int) -> None:
+    for _ in range(count):
+        optimizer.zero_grad()
+        model(x).backward()
+        optimizer.step()
+
+
 def test_state_round_trips_and_continues_exactly():
     torch.manual_seed(1)
     model = Small()
     optim = {"optimizer": "adamw", "learning_rate": 0.01, "weight_decay": 0.0, "clip_grad_norm": None}
     first = LocalOptimizer(model, optim)
     x = torch.tensor([1, 2, 3])
-    for _ in range(2):
-        first.zero_grad()
-        model(x).backward()
-        first.step()
+    steps(first, model, x, 2)
     copy_model = copy.deepcopy(model)
     second = LocalOptimizer(copy_model, optim)
     second.load_state_dict(first.state_dict())
     for opt, m in ((first, model), (second, copy_model)):
-        opt.zero_grad()
-        m(x).backward()
-        opt.step()
+        steps(opt, m, x, 1)
     for a, b in zip(model.parameters(), copy_model.parameters()):
         assert torch.equal(a, b)
 
@@ -92,16 +94,11 @@ def test_a_torch_optim_state_written_before_continues_exactly(name):
     optim = {"optimizer": name, "learning_rate": 0.05, "weight_decay": 0.1, "clip_grad_norm": None}
     theirs = reference_optimizer(model, optim)
     x = torch.tensor([1, 2, 3])
-    for _ in range(2):
-        theirs.zero_grad()
-        model(x).backward()
-        theirs.step()
+    steps(theirs, model, x, 2)
     ours_model = copy.deepcopy(model)
     ours = LocalOptimizer(ours_model, optim)
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
     for opt, m in ((theirs, model), (ours, ours_model)):
-        opt.zero_grad()
-        m(x).backward()
-        opt.step()
+        steps(opt, m, x, 1)
     for a, b in zip(ours_model.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
