@@ -126,10 +126,11 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     # Every backend uploads the same update (tests/test_backends.py); the reference one is enough here.
     backend = SequentialBackend(stage.model, stage.windows, cfg)
     seed_of_round = round_seed(cfg["seed"], fed["rounds"] + 1)
-    values, sizes = {}, []
+    values, sizes, norms = {}, [], []
     for user in sample:
         view, size = server_view(backend, int(user), global_params, seed_of_round, sample)
         sizes.append(size)
+        norms.append(float(sum(v.double().pow(2).sum() for v in view.values()).sqrt()))
         in_history = np.zeros(stage.windows.n_items - 1, dtype=bool)
         in_history[stage.windows.history[user] - 1] = True
         if in_history.all():
@@ -138,6 +139,10 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
             values.setdefault(name, []).append(auc_and_precision(score, in_history, rng))
     out["clients"] = len(next(iter(values.values()), []))
     out["mb_up_per_client"] = float(np.mean(sizes)) / 1e6
+    if not fed["secure_aggregation"]:  # a masked upload's norm is the mask's
+        # the L2 norms of the uploads (after clipping under DP): what a DP clip_norm is chosen against
+        out["upload_norm"] = {q: float(np.quantile(norms, level)) for q, level in
+                              (("min", 0.0), ("median", 0.5), ("p90", 0.9), ("max", 1.0))}
     for name, pairs in values.items():
         auc, precision = np.array(pairs).T
         out["scores"][name] = {"auc": float(auc.mean()), "auc_std": float(auc.std()),
@@ -169,6 +174,8 @@ def main(argv: list[str]) -> None:
     print(f"{args.run_dir}: stage {result['stage']}, upload {json.dumps(result['upload'])}, "
           f"{result['clients']} clients" + (f", {result['mb_up_per_client']:.3f} MB per upload"
                                             if "mb_up_per_client" in result else ""))
+    if "upload_norm" in result:
+        print("upload L2 norm: " + ", ".join(f"{k} {v:.4g}" for k, v in result["upload_norm"].items()))
     print(result["note"] if "note" in result else table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

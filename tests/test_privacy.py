@@ -278,6 +278,9 @@ def test_the_attack_command_reports_auc_and_the_touched_rows(tmp_path, monkeypat
     result = json.loads(out.read_text())
     assert result["clients"] >= 1 and result["upload"]["sparse_uploads"]
     assert set(result["scores"]) == {"row_norm", "row_sent"}
+    # the corpus run clips at 0.1: no upload is longer
+    norms = result["upload_norm"]
+    assert 0 < norms["min"] <= norms["median"] <= norms["max"] <= 0.1 + 1e-6
     # Clipping scales an update, it does not hide which rows moved most.
     assert result["scores"]["row_norm"]["auc"] > 0.9
     assert "row_sent" in capsys.readouterr().out
@@ -287,6 +290,7 @@ def test_the_attack_command_reports_auc_and_the_touched_rows(tmp_path, monkeypat
                      "--set", "federated.secure_aggregation=true", "--set", "federated.sparse_uploads=false"]) == 0
     result = json.loads(masked.read_text())
     assert result["upload"]["secure_aggregation"] and not result["upload"]["sparse_uploads"]
+    assert "upload_norm" not in result  # a masked upload's norm is the mask's
     assert result["scores"]["row_sent"]["auc"] == 0.5  # every row of a masked upload is non-zero
     # a sparse upload sends the touched rows with their ids, a masked one every row
     assert 0 < json.loads(out.read_text())["mb_up_per_client"] < result["mb_up_per_client"]
