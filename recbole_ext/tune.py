@@ -257,12 +257,18 @@ def _progress_callback(cfg: dict):
                 if t is not current and t.status in ("TERMINATED", "ERROR") and t.trial_id not in self.ended:
                     self.record(row_of(cfg, Path(t.path), t.config, t.last_result or {}, t.get_error()), t.trial_id)
 
+        def improve(self, trial_id: str, entry: tuple) -> bool:
+            """Keep `entry` (metric, trial, round) as the trial's best if it beats the one held."""
+            if not _better(entry[0], self.bests.get(trial_id), cfg):
+                return False
+            self.bests[trial_id] = entry
+            return True
+
         def record(self, row: dict, trial_id: str) -> None:
             self.ended[trial_id] = row["status"]
             key = f"valid_{metric_key(cfg)}"
             if row["status"] in ("ok", "pruned") and row[key] is not None:
-                if _better(row[key], self.bests.get(trial_id), cfg):
-                    self.bests[trial_id] = (row[key], row["trial"], row["best_round"])
+                self.improve(trial_id, (row[key], row["trial"], row["best_round"]))
             else:
                 self.bests.pop(trial_id, None)
 
@@ -277,10 +283,7 @@ def _progress_callback(cfg: dict):
             if result.get("diverged") or value is None or math.isnan(value):
                 return
             entry = (value, f"trial_{trial.trial_id}", result.get("round"))
-            if not _better(value, self.bests.get(trial.trial_id), cfg):
-                return
-            self.bests[trial.trial_id] = entry
-            if self.best() is entry:
+            if self.improve(trial.trial_id, entry) and self.best() is entry:
                 print(f"sweep: new best valid {metric_key(cfg)} {value:.4f}: {entry[1]} round {entry[2]} "
                       f"({_values_text(trial.config, cfg)})", flush=True)
 
