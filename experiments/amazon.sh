@@ -25,7 +25,6 @@ SASREC_EPOCHS="${SASREC_EPOCHS:-20}"
 
 source experiments/common.sh
 BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
-resume() { if [ -f "$1/state.pt" ]; then echo --resume "$1"; else echo --overwrite; fi; }
 runs=()
 for seed in "${SEEDS[@]}"; do
   dir="runs/$NAME/seed$seed"

@@ -7,3 +7,7 @@ baseline_done() {
 s = json.load(open(sys.argv[1]))
 sys.exit(not (s.get("stopped_by") == "patience" or s["epochs_run"] >= int(sys.argv[2])))' "$1/summary.json" "$2"
 }
+
+# resume RUN_DIR: the flag that continues a run that saved state, or replaces one stopped before its
+# first save (only its own files)
+resume() { if [ -f "$1/state.pt" ]; then echo --resume "$1"; else echo --overwrite; fi; }

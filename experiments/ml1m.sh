@@ -26,8 +26,6 @@ source experiments/common.sh
 BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 BASELINE_EPOCHS=3
 GPU=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available() else "no")')
-# continue a run that saved state; replace one stopped before its first save (only its own files)
-resume() { if [ -f "$1/state.pt" ]; then echo --resume "$1"; else echo --overwrite; fi; }
 runs=()
 for seed in "${SEEDS[@]}"; do
   dir="runs/ml1m/seed$seed"

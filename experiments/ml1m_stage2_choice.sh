@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Does the stage-2 choice of docs/TUNING.md matter downstream? Per seed, on the full-softmax stage 1
+# (`stage1_ce`, trained here if missing): stage 2 at the shipped defaults and at the ML-1M sweep's best
+# point, stage 3 on each, `run.py compare` of the two stage 3s and of each against stage 1, and the
+# results file. Rerunning skips finished runs and resumes interrupted ones. About 1 h of stage 1 and
+# 40 min of stages 2-3 per seed on one core.
+#
+#   bash experiments/ml1m_stage2_choice.sh [SEEDS...]     # default: 2020 2021 2022
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+if [ $# -gt 0 ]; then SEEDS=("$@"); else SEEDS=(2020 2021 2022); fi
+# the best trial of runs/tune/ml1m-tune-stage2-20261130-211111 (docs/TUNING.md), rounded
+BEST=(--set federated.server_lr=0.001 --set model.projector_init_gain=3.36)
+
+source experiments/common.sh
+BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
+runs=()
+for seed in "${SEEDS[@]}"; do
+  dir="runs/ml1m/seed$seed"
+  stage() {  # stage N NAME [--set ...]: one run of yamls/ml1m/stageN.yaml for this seed
+    local n="$1" name="$2"; shift 2
+    [ -f "$dir/$name/summary.json" ] || "$PY" run.py --config "yamls/ml1m/stage$n.yaml" --quiet \
+        --set seed="$seed" --set run_dir="$dir/$name" --set name="ml1m-${name//_/-}" $(resume "$dir/$name") "$@"
+    runs+=("$dir/$name")
+  }
+  stage 1 stage1_ce --set loss.type=ce
+  s2_load="load=[{checkpoint: $dir/stage1_ce/best.pt, groups: $BACKBONE}]"
+  stage 2 stage2_ce --set "$s2_load"
+  stage 2 stage2_ce_tuned --set "$s2_load" "${BEST[@]}"
+  for s2 in stage2_ce stage2_ce_tuned; do
+    stage 3 "${s2/stage2/stage3}" --set "load=[{checkpoint: $dir/stage1_ce/best.pt, groups: $BACKBONE}, \
+{checkpoint: $dir/$s2/best.pt, groups: [visual_proj, text_proj, align_gating]}]"
+  done
+  "$PY" run.py compare "$dir/stage3_ce" "$dir/stage3_ce_tuned" --json "$dir/compare-stage3_ce-stage3_ce_tuned.json"
+  for s3 in stage3_ce stage3_ce_tuned; do
+    "$PY" run.py compare "$dir/stage1_ce" "$dir/$s3" --json "$dir/compare-stage1_ce-$s3.json"
+  done
+done
+mkdir -p docs/results
+"$PY" run.py results "${runs[@]}" --out docs/results/ml-1m-stage2-choice.json
