@@ -31,10 +31,7 @@ for seed in "${SEEDS[@]}"; do
   stage() {  # stage FILE NAME [--set ...]: one run of yamls/amazon/FILE.yaml for this seed
     local file="$1" name="$2"; shift 2
     local text=(); [[ "$file" == stage1* ]] || text=(--set data.text_features="data/$NAME/text_minilm.npz")
-    [ -f "$dir/$name/summary.json" ] || "$PY" run.py --config "yamls/amazon/$file.yaml" --quiet \
-        --set seed="$seed" --set data.dataset="$NAME" "${text[@]}" --set run_dir="$dir/$name" \
-        $(resume "$dir/$name") "$@"
-    runs+=("$dir/$name")
+    stage_run "yamls/amazon/$file.yaml" "$dir/$name" --set data.dataset="$NAME" "${text[@]}" "$@"
   }
   stage stage1 stage1
   for variant in "" _content; do

@@ -11,3 +11,12 @@ sys.exit(not (s.get("stopped_by") == "patience" or s["epochs_run"] >= int(sys.ar
 # resume RUN_DIR: the flag that continues a run that saved state, or replaces one stopped before its
 # first save (only its own files)
 resume() { if [ -f "$1/state.pt" ]; then echo --resume "$1"; else echo --overwrite; fi; }
+
+# stage_run CONFIG RUN_DIR [ARGS...]: one stage run of CONFIG into RUN_DIR for $seed, skipped once it has
+# a summary and resumed when it saved state; RUN_DIR joins the `runs` array either way
+stage_run() {
+  local config="$1" run="$2"; shift 2
+  [ -f "$run/summary.json" ] || "$PY" run.py --config "$config" --quiet --set seed="$seed" \
+      --set run_dir="$run" $(resume "$run") "$@"
+  runs+=("$run")
+}

@@ -31,9 +31,7 @@ for seed in "${SEEDS[@]}"; do
   dir="runs/ml1m/seed$seed"
   stage() {  # stage N NAME [--set ...]: one run of yamls/ml1m/stageN.yaml for this seed
     local n="$1" name="$2"; shift 2
-    [ -f "$dir/$name/summary.json" ] || "$PY" run.py --config "yamls/ml1m/stage$n.yaml" --quiet \
-        --set seed="$seed" --set run_dir="$dir/$name" $(resume "$dir/$name") "$@"
-    runs+=("$dir/$name")
+    stage_run "yamls/ml1m/stage$n.yaml" "$dir/$name" "$@"
   }
   stage 1 stage1
   stage 1 stage1_ce --set loss.type=ce --set name=ml1m-stage1-ce  # the full softmax instead of sampled negatives

@@ -20,9 +20,7 @@ for seed in "${SEEDS[@]}"; do
   dir="runs/ml1m/seed$seed"
   stage() {  # stage N NAME [--set ...]: one run of yamls/ml1m/stageN.yaml for this seed
     local n="$1" name="$2"; shift 2
-    [ -f "$dir/$name/summary.json" ] || "$PY" run.py --config "yamls/ml1m/stage$n.yaml" --quiet \
-        --set seed="$seed" --set run_dir="$dir/$name" --set name="ml1m-${name//_/-}" $(resume "$dir/$name") "$@"
-    runs+=("$dir/$name")
+    stage_run "yamls/ml1m/stage$n.yaml" "$dir/$name" --set name="ml1m-${name//_/-}" "$@"
   }
   stage 1 stage1_ce --set loss.type=ce
   s2_load="load=[{checkpoint: $dir/stage1_ce/best.pt, groups: $BACKBONE}]"
