@@ -24,7 +24,6 @@ SASREC_EPOCHS="${SASREC_EPOCHS:-20}"
     --out "data/$NAME/text_minilm.npz"
 
 source experiments/common.sh
-BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 runs=()
 for seed in "${SEEDS[@]}"; do
   dir="runs/$NAME/seed$seed"

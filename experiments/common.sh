@@ -1,5 +1,8 @@
 # Sourced by the experiment scripts; expects PY (the Python to run).
 
+# the parameter groups a stage 2 or 3 loads from its stage 1
+BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
+
 # baseline_done RUN_DIR EPOCHS: its summary says it spent its epochs or stopped on patience
 # (one stopped by its time limit goes on when its command is run again).
 baseline_done() {

@@ -23,7 +23,6 @@ POSTERS="${POSTERS:-$(dirname "$SHARED")/ml-1m-posters/ml1m_posters_96x144.tar}"
     --images "$POSTERS" --dataset-dir data/ml-1m --out data/ml-1m/image_color_histogram.npz
 
 source experiments/common.sh
-BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 BASELINE_EPOCHS=3
 GPU=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available() else "no")')
 runs=()

@@ -14,7 +14,6 @@ if [ $# -gt 0 ]; then SEEDS=("$@"); else SEEDS=(2020 2021 2022); fi
 BEST=(--set federated.server_lr=0.001 --set model.projector_init_gain=3.36)
 
 source experiments/common.sh
-BACKBONE="[item_embedding, position_embedding, trm_encoder, LayerNorm]"
 runs=()
 for seed in "${SEEDS[@]}"; do
   dir="runs/ml1m/seed$seed"

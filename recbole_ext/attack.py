@@ -130,7 +130,8 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     for user in sample:
         view, size = server_view(backend, int(user), global_params, seed_of_round, sample)
         sizes.append(size)
-        norms.append(float(sum(v.double().pow(2).sum() for v in view.values()).sqrt()))
+        if not fed["secure_aggregation"]:  # a masked upload's norm is the mask's
+            norms.append(float(sum(v.double().pow(2).sum() for v in view.values()).sqrt()))
         in_history = np.zeros(stage.windows.n_items - 1, dtype=bool)
         in_history[stage.windows.history[user] - 1] = True
         if in_history.all():
@@ -139,7 +140,7 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
             values.setdefault(name, []).append(auc_and_precision(score, in_history, rng))
     out["clients"] = len(next(iter(values.values()), []))
     out["mb_up_per_client"] = float(np.mean(sizes)) / 1e6
-    if not fed["secure_aggregation"]:  # a masked upload's norm is the mask's
+    if norms:
         # the L2 norms of the uploads (after clipping under DP): what a DP clip_norm is chosen against
         out["upload_norm"] = {q: float(np.quantile(norms, level)) for q, level in
                               (("min", 0.0), ("median", 0.5), ("p90", 0.9), ("max", 1.0))}

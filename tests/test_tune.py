@@ -235,12 +235,13 @@ def test_a_report_of_a_finished_sweep_writes_the_same_table(sweep, capsys):
     assert "best trials:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_sweep_reads_stage1_from_the_summary_beside_its_checkpoint(sweep, stage1):
     stage1_hit = json.loads((stage1 / "summary.json").read_text())["valid"]["uni100"]["hit@10"]
     assert float(read_rows(sweep["dir"])["0.003"]["stage1_valid_hit@10"]) == stage1_hit
 
 
-def criterion_of(tmp_path, valid: list[tuple[float, float]], status_rounds: int = 3) -> dict:
+def criterion_of(tmp_path, valid: list[tuple[float, float]]) -> dict:
     """The trials.csv row of a stage-2 trial whose validations gave these (HR@10, NDCG@10) pairs,
     against a stage 1 with validation HR@10 0.20; its losses fall every round, whatever it validates."""
     (tmp_path / "stage1").mkdir()
@@ -251,7 +252,7 @@ def criterion_of(tmp_path, valid: list[tuple[float, float]], status_rounds: int 
         for i, (hit, ndcg) in enumerate(valid):
             f.write(json.dumps({"round": i + 1, "loss": 2.0 - 0.1 * i, "rec_loss": 1.0, "align_loss": 1.0,
                                 "valid": {p: {"hit@10": hit, "ndcg@10": ndcg} for p in ("full", "uni100")}}) + "\n")
-    cfg = {"trainer": "federated", "federated": {"rounds": status_rounds},
+    cfg = {"trainer": "federated", "federated": {"rounds": len(valid)},
            "load": [{"checkpoint": str(tmp_path / "stage1" / "best.pt")}],
            "tune": {"protocol": "full", "metric": "ndcg@10", "mode": "max", "space": {}}}
     return row_of(cfg, tmp_path / "trial", {}, {"round": len(valid)}, None)
