@@ -128,13 +128,13 @@ def stage1(tmp_path_factory, features):
     return root / "stage1"
 
 
-def sweep_args(stage1, features, storage, learning_rates, *extra):
+def sweep_args(stage1, features, storage, learning_rates, *extra, rounds=ROUNDS):
     """`run.py tune` arguments: tune_smoke.yaml on the test's tiny data, a grid over learning rates.
     ASHA's grace period is the whole run, so it cannot prune a trial whichever trial reports first."""
     sets = [f"data.path={recbole_example_dir()}", "data.max_users=30", f"data.text_features={features['text']}",
             f"data.image_features={features['image']}", "loss.num_negatives=16", "federated.clients_per_round=8",
-            f"federated.rounds={ROUNDS}", f"load=[{{checkpoint: {stage1 / 'best.pt'}, groups: {BACKBONE}}}]",
-            f"tune.storage_path={storage}", "tune.trials=1", f"tune.grace_period={ROUNDS}",
+            f"federated.rounds={rounds}", f"load=[{{checkpoint: {stage1 / 'best.pt'}, groups: {BACKBONE}}}]",
+            f"tune.storage_path={storage}", "tune.trials=1", f"tune.grace_period={rounds}",
             f"tune.space.federated.server_lr={{type: grid, values: {learning_rates}}}", *extra]
     return ["tune", "--config", SMOKE, *(arg for s in sets for arg in ("--set", s))]
 
@@ -287,8 +287,12 @@ def test_best_yaml_runs_as_a_stage_config(sweep, capsys):
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, features, tmp_path):
-    """Two trials one after the other; Ctrl+C while the second one trains, then `run.py tune --resume`."""
-    args = sweep_args(stage1, features, tmp_path, "[0.003, 0.001]", "tune.max_concurrent_trials=1")
+    """Two trials one after the other; Ctrl+C while the second one trains, then `run.py tune --resume`.
+    The trials are long enough that the second one cannot finish between its first save and the Ctrl+C
+    (with 3 rounds it once did, on a fast machine, and the sweep ended normally), and no longer than
+    base.yaml's patience of 10 validations, which would stop them early."""
+    rounds = 10
+    args = sweep_args(stage1, features, tmp_path, "[0.003, 0.001]", "tune.max_concurrent_trials=1", rounds=rounds)
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "run.py"), *args], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
@@ -331,6 +335,6 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     assert "sweep: 2/2 trials ended (2 ok, 0 pruned, 0 diverged, 0 error), 0 running, 0 waiting" in resumed.stdout
     # the trial cut off half-way continued from its saved state: round 1 was not run again
     second = read_metrics(started[0])
-    assert [rec["round"] for rec in second] == list(range(1, ROUNDS + 1)) and second[0] == round1
+    assert [rec["round"] for rec in second] == list(range(1, rounds + 1)) and second[0] == round1
     assert (started[0] / "summary.json").is_file()
     assert (sweep_dir / "best.yaml").is_file()
