@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Amazon rows of docs/RESULTS.md: data and MiniLM text features, then per seed the federated chain
-# with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, this
-# project's stage 1 trained centrally, stock RecBole SASRec on the same split, `run.py compare` of stage 3
-# against stage 1, `run.py ablate` of each stage 3, and the results file. Rerunning skips finished runs
-# and resumes interrupted ones.
+# with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, the
+# item-content stage 1 (content trained with the IDs from round 1) and a stage 3 on it, this project's
+# stage 1 trained centrally, stock RecBole SASRec on the same split, `run.py compare` of each against
+# stage 1 (stage 3 scores a user sample, so on its users), `run.py ablate` of each stage 3, and the
+# results file. Rerunning skips finished runs and resumes interrupted ones.
 #
 #   bash experiments/amazon.sh [CATEGORY] [SEEDS...]     # defaults: Beauty, 2020 2021 2022
 #
@@ -29,7 +30,8 @@ for seed in "${SEEDS[@]}"; do
   dir="runs/$NAME/seed$seed"
   stage() {  # stage FILE NAME [--set ...]: one run of yamls/amazon/FILE.yaml for this seed
     local file="$1" name="$2"; shift 2
-    local text=(); [[ "$file" == stage1* ]] || text=(--set data.text_features="data/$NAME/text_minilm.npz")
+    local text=(); [[ "$file" == stage1 || "$file" == stage1_centralized ]] || \
+        text=(--set data.text_features="data/$NAME/text_minilm.npz")
     stage_run "yamls/amazon/$file.yaml" "$dir/$name" --set data.dataset="$NAME" "${text[@]}" "$@"
   }
   stage stage1 stage1
@@ -39,14 +41,22 @@ for seed in "${SEEDS[@]}"; do
     stage "stage3$variant" "stage3$variant" --set "$s3_load"
   done
   stage stage3_content stage3_content_no_memory --set "$s3_load" --set model.memory.st_k=0 --set model.memory.lt_k=0
+  stage stage1_content stage1_content
+  stage stage3_content stage3_on_stage1_content \
+      --set "load=[{checkpoint: $dir/stage1_content/best.pt, groups: [item_embedding, position_embedding, trm_encoder, LayerNorm, text_proj]}]"
   stage stage1_centralized stage1_centralized
   run="$dir/baseline-SASRec"
   baseline_done "$run" "$SASREC_EPOCHS" || "$PY" run.py baseline --config yamls/amazon/stage1.yaml --model SASRec \
       --epochs "$SASREC_EPOCHS" --quiet --set seed="$seed" --set data.dataset="$NAME" --set run_dir="$run" \
       $(resume "$run")
   runs+=("$run")
-  for s3 in stage3 stage3_content; do
-    "$PY" run.py compare "$dir/stage1" "$dir/$s3" --json "$dir/compare-stage1-$s3.json"
+  for run in stage2 stage2_content stage1_content stage1_centralized; do
+    "$PY" run.py compare "$dir/stage1" "$dir/$run" --json "$dir/compare-stage1-$run.json"
+  done
+  for s3 in stage3 stage3_content stage3_content_no_memory stage3_on_stage1_content; do
+    "$PY" run.py compare "$dir/stage1" "$dir/$s3" --common-users --json "$dir/compare-stage1-$s3.json"
+  done
+  for s3 in stage3 stage3_content stage3_on_stage1_content; do
     "$PY" run.py ablate "$dir/$s3" --json "$dir/ablate-$s3.json"
   done
 done
