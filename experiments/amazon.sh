@@ -50,8 +50,8 @@ for seed in "${SEEDS[@]}"; do
       --epochs "$SASREC_EPOCHS" --quiet --set seed="$seed" --set data.dataset="$NAME" --set run_dir="$run" \
       $(resume "$run")
   runs+=("$run")
-  for run in stage2 stage2_content stage1_content stage1_centralized; do
-    "$PY" run.py compare "$dir/stage1" "$dir/$run" --json "$dir/compare-stage1-$run.json"
+  for other in stage2 stage2_content stage1_content stage1_centralized; do
+    "$PY" run.py compare "$dir/stage1" "$dir/$other" --json "$dir/compare-stage1-$other.json"
   done
   for s3 in stage3 stage3_content stage3_content_no_memory stage3_on_stage1_content; do
     "$PY" run.py compare "$dir/stage1" "$dir/$s3" --common-users --json "$dir/compare-stage1-$s3.json"
