@@ -43,7 +43,7 @@ for seed in "${SEEDS[@]}"; do
   stage stage3_content stage3_content_no_memory --set "$s3_load" --set model.memory.st_k=0 --set model.memory.lt_k=0
   stage stage1_content stage1_content
   stage stage3_content stage3_on_stage1_content --set name="$NAME-stage3-on-stage1-content" \
-      --set "load=[{checkpoint: $dir/stage1_content/best.pt, groups: [item_embedding, position_embedding, trm_encoder, LayerNorm, text_proj]}]"
+      --set "load=[{checkpoint: $dir/stage1_content/best.pt, groups: ${BACKBONE%]}, text_proj]}]"
   stage stage1_centralized stage1_centralized
   run="$dir/baseline-SASRec"
   baseline_done "$run" "$SASREC_EPOCHS" || "$PY" run.py baseline --config yamls/amazon/stage1.yaml --model SASRec \
