@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The Amazon rows of docs/RESULTS.md: data and MiniLM text features, then per seed the federated chain
-# with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, the
-# item-content stage 1 (content trained with the IDs from round 1) and a stage 3 on it, this project's
+# The Amazon rows of docs/RESULTS.md: data and MiniLM text features, then per seed the federated stage 1,
+# the item-content stage 1 (content trained with the IDs from round 1) and a stage 3 on it, the chain
+# with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, this project's
 # stage 1 trained centrally, stock RecBole SASRec on the same split, `run.py compare` of each against
 # stage 1 (stage 3 scores a user sample, so on its users), `run.py ablate` of each stage 3, and the
 # results file. Rerunning skips finished runs and resumes interrupted ones.
@@ -35,15 +35,16 @@ for seed in "${SEEDS[@]}"; do
     stage_run "yamls/amazon/$file.yaml" "$dir/$name" --set data.dataset="$NAME" "${text[@]}" "$@"
   }
   stage stage1 stage1
+  # the rows that decide the goal first, so that a run cut short has them
+  stage stage1_content stage1_content
+  stage stage3_content stage3_on_stage1_content --set name="$NAME-stage3-on-stage1-content" \
+      --set "load=[{checkpoint: $dir/stage1_content/best.pt, groups: ${BACKBONE%]}, text_proj]}]"
   for variant in "" _content; do
     stage "stage2$variant" "stage2$variant" --set "load=[{checkpoint: $dir/stage1/best.pt, groups: $BACKBONE}]"
     s3_load="load=[{checkpoint: $dir/stage1/best.pt, groups: $BACKBONE}, {checkpoint: $dir/stage2$variant/best.pt, groups: [visual_proj, text_proj, align_gating]}]"
     stage "stage3$variant" "stage3$variant" --set "$s3_load"
   done
   stage stage3_content stage3_content_no_memory --set "$s3_load" --set model.memory.st_k=0 --set model.memory.lt_k=0
-  stage stage1_content stage1_content
-  stage stage3_content stage3_on_stage1_content --set name="$NAME-stage3-on-stage1-content" \
-      --set "load=[{checkpoint: $dir/stage1_content/best.pt, groups: ${BACKBONE%]}, text_proj]}]"
   stage stage1_centralized stage1_centralized
   run="$dir/baseline-SASRec"
   baseline_done "$run" "$SASREC_EPOCHS" || "$PY" run.py baseline --config yamls/amazon/stage1.yaml --model SASRec \
