@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The Amazon rows of docs/RESULTS.md: data and MiniLM text features, then per seed the federated stage 1,
 # the item-content stage 1 (content trained with the IDs from round 1) and a stage 3 on it, the chain
-# with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, this project's
-# stage 1 trained centrally, stock RecBole SASRec on the same split, `run.py compare` of each against
-# stage 1 (stage 3 scores a user sample, so on its users), `run.py ablate` of each stage 3, and the
-# results file. Rerunning skips finished runs and resumes interrupted ones.
+# with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, this
+# project's stage 1 trained centrally, stock RecBole SASRec on the same split, `run.py compare` of each
+# against stage 1 (targets sliced at 10 training interactions, as the goal is; stage 3 scores a user
+# sample, so on its users), `run.py ablate` of each stage 3, and the results file. Rerunning skips
+# finished runs and resumes interrupted ones.
 #
 #   bash experiments/amazon.sh [CATEGORY] [SEEDS...]     # defaults: Beauty, 2020 2021 2022
 #
@@ -52,10 +53,10 @@ for seed in "${SEEDS[@]}"; do
       $(resume "$run")
   runs+=("$run")
   for other in stage2 stage2_content stage1_content stage1_centralized; do
-    "$PY" run.py compare "$dir/stage1" "$dir/$other" --json "$dir/compare-stage1-$other.json"
+    "$PY" run.py compare "$dir/stage1" "$dir/$other" --item-count-bins 10 --json "$dir/compare-stage1-$other.json"
   done
   for s3 in stage3 stage3_content stage3_content_no_memory stage3_on_stage1_content; do
-    "$PY" run.py compare "$dir/stage1" "$dir/$s3" --common-users --json "$dir/compare-stage1-$s3.json"
+    "$PY" run.py compare "$dir/stage1" "$dir/$s3" --common-users --item-count-bins 10 --json "$dir/compare-stage1-$s3.json"
   done
   for s3 in stage3 stage3_content stage3_on_stage1_content; do
     "$PY" run.py ablate "$dir/$s3" --json "$dir/ablate-$s3.json"
