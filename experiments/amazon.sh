@@ -52,11 +52,11 @@ for seed in "${SEEDS[@]}"; do
       --epochs "$SASREC_EPOCHS" --quiet --set seed="$seed" --set data.dataset="$NAME" --set run_dir="$run" \
       $(resume "$run")
   runs+=("$run")
-  for other in stage2 stage2_content stage1_content stage1_centralized; do
-    "$PY" run.py compare "$dir/stage1" "$dir/$other" --item-count-bins 10 --json "$dir/compare-stage1-$other.json"
-  done
-  for s3 in stage3 stage3_content stage3_content_no_memory stage3_on_stage1_content; do
-    "$PY" run.py compare "$dir/stage1" "$dir/$s3" --common-users --item-count-bins 10 --json "$dir/compare-stage1-$s3.json"
+  # --common-users: a stage 3 scores a user sample; for two runs that scored everyone it changes nothing
+  for other in stage2 stage2_content stage1_content stage1_centralized \
+      stage3 stage3_content stage3_content_no_memory stage3_on_stage1_content; do
+    "$PY" run.py compare "$dir/stage1" "$dir/$other" --common-users --item-count-bins 10 \
+        --json "$dir/compare-stage1-$other.json"
   done
   for s3 in stage3 stage3_content stage3_on_stage1_content; do
     "$PY" run.py ablate "$dir/$s3" --json "$dir/ablate-$s3.json"
