@@ -13,6 +13,7 @@
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
     python run.py tune --resume SWEEP_DIR                              continue an interrupted sweep
     python run.py ablate RUN_DIR [--split valid]                       what each score term carries
+    python run.py items RUN_DIR [--item-count-bins 10]                 item vectors by training interactions
     python run.py attack RUN_DIR [--clients N] [--json F]              what the server learns from one upload
 """
 from __future__ import annotations
@@ -73,6 +74,9 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "ablate":
             from recbole_ext.ablate import main as ablate_main
             ablate_main(argv[1:])
+        elif argv and argv[0] == "items":
+            from recbole_ext.item_vectors import main as items_main
+            items_main(argv[1:])
         elif argv and argv[0] == "attack":
             from recbole_ext.attack import main as attack_main
             attack_main(argv[1:])

@@ -50,17 +50,10 @@ def terms_of(model) -> list[str]:
 
 def ablate(run_dir: str, split: str = "valid") -> dict:
     """{"all terms" or "<term> off": {protocol: {metric: value}}} for the run's best checkpoint."""
-    from .config import load_config
-    from .pipeline import Stage
-    from .runs import CHECKPOINT, CONFIG
-    from .stages import read_checkpoint
+    from .pipeline import trained_stage
 
     folder = Path(run_dir)
-    if not (folder / CONFIG).is_file() or not (folder / CHECKPOINT).is_file():
-        raise UserError(f"{folder}: not a run folder with a best checkpoint ({CONFIG} and {CHECKPOINT})")
-    # The checkpoint holds every parameter, so nothing needs loading from the earlier stages.
-    stage = Stage(load_config(folder / CONFIG, ["load=[]"], saved=True), str(folder / CONFIG))
-    stage.model.load_state_dict(read_checkpoint(str(folder / CHECKPOINT))["state_dict"])
+    stage = trained_stage(run_dir)
     if not terms_of(stage.model):
         raise UserError(f"{folder}: the model scores by its ID embedding alone (no align, experts or "
                         f"item_content): there is no term to switch off")

@@ -96,22 +96,16 @@ def auc_and_precision(score: np.ndarray, in_history: np.ndarray, rng: np.random.
 def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ()) -> dict:
     """`sets`: config overrides of the upload (e.g. federated.secure_aggregation=true), to see what the
     same trained model's clients would send under another setting."""
-    from .config import load_config
     from .federated.backends import SequentialBackend
     from .federated.client import round_seed
     from .federated.privacy import ITEM_ROWS
-    from .pipeline import Stage
-    from .runs import CHECKPOINT, CONFIG
-    from .stages import read_checkpoint
+    from .pipeline import trained_stage
 
     folder = Path(run_dir)
-    if not (folder / CONFIG).is_file() or not (folder / CHECKPOINT).is_file():
-        raise UserError(f"{folder}: not a run folder with a best checkpoint ({CONFIG} and {CHECKPOINT})")
-    cfg = load_config(folder / CONFIG, ["load=[]", *sets], saved=True)
+    stage = trained_stage(run_dir, sets)
+    cfg = stage.cfg
     if cfg["trainer"] != "federated":
         raise UserError(f"{folder}: a {cfg['trainer']} run uploads nothing; the attack needs a federated run")
-    stage = Stage(cfg, str(folder / CONFIG))
-    stage.model.load_state_dict(read_checkpoint(str(folder / CHECKPOINT))["state_dict"])
     fed = cfg["federated"]
     setting = {"secure_aggregation": fed["secure_aggregation"], "sparse_uploads": fed["sparse_uploads"],
                "dp": fed["dp"] if fed["dp"]["clip_norm"] is not None else None}

@@ -118,7 +118,7 @@ def markdown(rows: list[dict], run_a, run_b, split: str, resamples: int) -> str:
     return "\n".join(lines)
 
 
-def _edges(text: str) -> tuple[int, ...]:
+def item_count_edges(text: str) -> tuple[int, ...]:
     try:
         edges = tuple(int(e) for e in text.split(","))
     except ValueError:
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
     a, b = paired(load(args.run_a, args.split), load(args.run_b, args.split), args.run_a, args.run_b,
                   args.common_users)
     if args.item_count_bins:
-        bins = _edges(args.item_count_bins)
+        bins = item_count_edges(args.item_count_bins)
         a, b = (dataclasses.replace(r, item_count_bins=bins) for r in (a, b))
     rows = compare(a, b, args.bootstrap, args.seed)
     print(markdown(rows, args.run_a, args.run_b, args.split, args.bootstrap))

@@ -196,3 +196,19 @@ class Stage:
                    "machine": machine_info(), **trainer.summary_extra()}
         run.write_summary(summary)
         return summary
+
+
+def trained_stage(run_dir: str, sets: list[str] = ()) -> Stage:
+    """The Stage of a finished run folder, its model holding the run's best checkpoint; `sets`: config
+    overrides. The folder is only read, and nothing is loaded from earlier stages: the checkpoint holds
+    every parameter."""
+    from .config import load_config
+    from .runs import CHECKPOINT, CONFIG
+    from .stages import read_checkpoint
+
+    folder = Path(run_dir)
+    if not (folder / CONFIG).is_file() or not (folder / CHECKPOINT).is_file():
+        raise UserError(f"{folder}: not a run folder with a best checkpoint ({CONFIG} and {CHECKPOINT})")
+    stage = Stage(load_config(folder / CONFIG, ["load=[]", *sets], saved=True), str(folder / CONFIG))
+    stage.model.load_state_dict(read_checkpoint(str(folder / CHECKPOINT))["state_dict"])
+    return stage
