@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .evaluation import PROTOCOLS, UserMetrics
+from .evaluation import PROTOCOLS, UserMetrics, item_count_edges
 from .report import METRICS
 from .runs import PER_USER
 
@@ -116,17 +116,6 @@ def markdown(rows: list[dict], run_a, run_b, split: str, resamples: int) -> str:
                      f"{r['mean_b']:.4f} | {r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
                      f"{r['p_wilcoxon']:.3g} |")
     return "\n".join(lines)
-
-
-def item_count_edges(text: str) -> tuple[int, ...]:
-    try:
-        edges = tuple(int(e) for e in text.split(","))
-    except ValueError:
-        edges = ()
-    if not edges or edges[0] < 1 or any(x >= y for x, y in zip(edges, edges[1:])):
-        raise UserError(f"--item-count-bins {text!r}: give increasing whole numbers of at least 1, "
-                        f"separated by commas, e.g. 10 or 1,5,10,50")
-    return edges
 
 
 def main(argv: list[str]) -> None:

@@ -53,6 +53,18 @@ def item_count_slices(counts: np.ndarray, bins) -> tuple[np.ndarray, list[str]]:
     return np.searchsorted(lower, counts, side="right") - 1, labels
 
 
+def item_count_edges(text: str) -> tuple[int, ...]:
+    """The lower edges after 0 that `--item-count-bins` gives as text, e.g. "1,5,10,50"."""
+    try:
+        edges = tuple(int(e) for e in text.split(","))
+    except ValueError:
+        edges = ()
+    if not edges or edges[0] < 1 or any(x >= y for x, y in zip(edges, edges[1:])):
+        raise UserError(f"--item-count-bins {text!r}: give increasing whole numbers of at least 1, "
+                        f"separated by commas, e.g. 10 or 1,5,10,50")
+    return edges
+
+
 def history_slices(history: np.ndarray, quantiles: int) -> tuple[np.ndarray, list[str]]:
     """Each row's slice index and the labels of `quantiles` slices of the users' training-history
     lengths, edges at quantiles over these rows (lengths that occur, so no slice is empty; ties

@@ -3,8 +3,8 @@
 For the items in each slice of training interactions (the slices of the targets in `run.py compare`):
 how many there are, the mean norm of their ID embeddings e_i and, for a model with `item_content`, of
 their content vectors c_i and score vectors e_i + c_i, and the mean cosine of e_i and c_i. A negative
-cosine means the IDs learnt to cancel the content, which then cannot lift those items' scores. The
-padding item is left out; the run folder is only read.
+cosine means the IDs learnt to cancel part of the content (whether that is what holds an item back is
+for `run.py compare` to say). The padding item is left out; the run folder is only read.
 """
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ def slice_table(ids: np.ndarray, content: np.ndarray | None, counts: np.ndarray,
         if not rows.any():
             continue
         e = ids[rows]
-        entry = {"items": int(rows.sum()), "id_norm": float(np.linalg.norm(e, axis=1).mean())}
+        e_norm = np.linalg.norm(e, axis=1)
+        entry = {"items": int(rows.sum()), "id_norm": float(e_norm.mean())}
         if content is not None:
             c = content[rows]
-            e_norm, c_norm = np.linalg.norm(e, axis=1), np.linalg.norm(c, axis=1)
+            c_norm = np.linalg.norm(c, axis=1)
             entry.update(content_norm=float(c_norm.mean()),
                          vector_norm=float(np.linalg.norm(e + c, axis=1).mean()),
                          cosine=float(((e * c).sum(axis=1) / np.maximum(e_norm * c_norm, 1e-12)).mean()))
@@ -67,7 +68,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from .compare import item_count_edges
+    from .evaluation import item_count_edges
 
     parser = argparse.ArgumentParser(prog="run.py items", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR")
