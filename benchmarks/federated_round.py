@@ -134,6 +134,7 @@ def bench_rounds(stage_obj, stage: int, dataset: str, client_counts, backends, r
     the same clients' windows as one centralized all-position batch (one train_step, no per-client
     work)."""
     from recbole_ext.federated.backends import BACKENDS as MAKE
+    from recbole_ext.federated.server import aggregate
 
     model, windows, cfg = stage_obj.model, stage_obj.windows, stage_obj.cfg
     global_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -145,8 +146,10 @@ def bench_rounds(stage_obj, stage: int, dataset: str, client_counts, backends, r
         start = time.perf_counter()
         made[name] = MAKE[name](model, windows, cfg)
         setup[name] = round(time.perf_counter() - start, 2)
-        made[name].run_round(samples[min(client_counts)][:2], global_params, 0, False)  # warm-up
-    variants = {name: (lambda b: lambda clients: b.run_round(clients, global_params, 1, False))(b)
+        made[name].train_clients(samples[min(client_counts)][:2], global_params, 0)  # warm-up
+    # A round as the trainer runs it: the backend trains the clients, the server aggregates their sums.
+    variants = {name: (lambda b: lambda clients: aggregate(b.train_clients(clients, global_params, 1), global_params,
+                                                          1, cfg["federated"]))(b)
                 for name, b in made.items()}
     if floor:
         variants["centralized_batch"] = lambda clients: centralized_step(stage_obj, clients, global_params)

@@ -89,8 +89,17 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "federated.clients_per_round": ((int,), False, _positive),
     "federated.client_fraction": ((float,), True, _fraction),
     "federated.local_epochs": ((int,), False, _positive),
-    "federated.server_optimizer": ((str,), False, _choice("sgd", "adam")),
+    "federated.server_optimizer": ((str,), False, _choice("sgd", "adam", "yogi", "adagrad")),
     "federated.server_lr": ((float,), False, _positive),
+    "federated.server_momentum": ((float,), False, _probability),
+    "federated.server_beta1": ((float,), False, _probability),
+    "federated.server_beta2": ((float,), False, _probability),
+    "federated.server_tau": ((float,), False, _positive),
+    "federated.schedule.kind": ((str,), False, _choice("constant", "cosine", "step")),
+    "federated.schedule.warmup_rounds": ((int,), False, _non_negative),
+    "federated.schedule.floor": ((float,), False, (lambda v: 0 <= v <= 1, "must be in [0, 1]")),
+    "federated.schedule.step_rounds": ((int,), False, _positive),
+    "federated.schedule.step_factor": ((float,), False, _fraction),
     "federated.server_lr_groups": ((dict,), False, None),
     "federated.backend": ((str,), False, _choice("sequential", "vectorized", "ray")),
     "federated.cohort_size": ((int,), True, _positive),
@@ -372,6 +381,10 @@ def _validate(config: dict, where: str) -> None:
                 or not entry["groups"] or not all(isinstance(g, str) for g in entry["groups"])):
             raise UserError(f"{where}: load[{i}] must be {{checkpoint: path, groups: [name, ...]}}, "
                             f"got {entry!r}")
+    fed = config["federated"]
+    if fed["schedule"]["warmup_rounds"] >= fed["rounds"] and config["trainer"] == "federated":
+        raise UserError(f"{where}: federated.schedule.warmup_rounds = {fed['schedule']['warmup_rounds']} must be "
+                        f"below federated.rounds = {fed['rounds']} (the warmup would be the whole run)")
     groups = config["federated"]["server_lr_groups"]
     for pattern, lr in groups.items():
         if not isinstance(pattern, str) or not pattern:

@@ -103,16 +103,6 @@ def check_server_rate_patterns(model, fed: dict, where: str) -> None:
                             f"parameter. Trainable groups are: {', '.join(sorted({group_of(n) for n in trainable}))}.")
 
 
-def server_rates(trainable: dict, fed: dict) -> dict[str, float]:
-    """Each trainable parameter's server learning rate: that of the first pattern in
-    `federated.server_lr_groups` its name matches, else `server_lr`. FedAdam moves every parameter by
-    about its rate per round, whatever its gradient's scale, so a part that starts untrained beside a
-    trained backbone needs a rate of its own."""
-    patterns = fed["server_lr_groups"]
-    return {name: next((lr for p, lr in patterns.items() if fnmatch.fnmatchcase(name, p)), fed["server_lr"])
-            for name in trainable}
-
-
 def read_checkpoint(path: str) -> dict:
     """A project checkpoint: tensors and plain metadata only, never code."""
     try:

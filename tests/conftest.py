@@ -49,6 +49,14 @@ def tiny_config(stage_file: str, run_dir: Path, features: dict | None = None, se
     return load_config(ROOT / "yamls" / stage_file, [*base, *sets])
 
 
+def round_update(backend, clients, global_params: dict, seed: int) -> tuple[dict, dict]:
+    """One round of `backend` on `clients` as the server aggregates it: (mean update, mean stats)."""
+    from recbole_ext.federated.server import aggregate
+
+    sums = backend.train_clients(clients, global_params, seed)
+    return aggregate(sums, global_params, seed, backend.settings["federated"])
+
+
 def fresh_trainer(stage, initial: dict, folder: Path):
     """A federated trainer of `stage` that starts from the `initial` weights into a new run folder
     (the tests that stop and resume a run build several from one stage)."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, fresh_trainer, tiny_config
+from conftest import ROOT, fresh_trainer, round_update, tiny_config
 from recbole_ext.config import load_config
 from recbole_ext.federated.aggregate import RoundSums
 from recbole_ext.federated.backbone_cache import BackboneCache
@@ -63,14 +63,14 @@ def three_rounds(stage, initial, backend: str, run_dir, sets: dict, optim: dict 
     run = RunFolder(run_dir)
     run.create(settings)
     trainer = FederatedTrainer(stage.rb_config, stage.model, settings, run, {}, stage.windows)
-    updates, run_round = [], trainer.backend.run_round
+    updates, aggregate = [], trainer.server.aggregate
 
     def recording(*args):
-        update, stats = run_round(*args)
+        update, stats = aggregate(*args)
         updates.append(update)
         return update, stats
 
-    trainer.backend.run_round = recording
+    trainer.server.aggregate = recording
     for index in (1, 2, 3):
         trainer.train_unit(index, stage.windows, False)
     if hasattr(trainer.backend, "close"):
@@ -105,6 +105,18 @@ def test_all_backends_give_the_same_rounds_and_metrics(stage_file, stages, tmp_p
     assert_same(reference, three_rounds(stage, initial, "ray", tmp_path / "ray", {}), "ray")
 
 
+@pytest.mark.parametrize("strategy", [
+    {"server_optimizer": "yogi", "server_tau": 1e-4, "schedule": {"kind": "cosine", "warmup_rounds": 1,
+                                                                 "floor": 0.1, "step_rounds": 1, "step_factor": 0.5}},
+    {"server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.9},
+    {"server_optimizer": "adagrad", "server_tau": 1e-3}])
+def test_backends_agree_under_every_strategy(strategy, stages, tmp_path):
+    stage, initial = stages["stage1.yaml"]
+    reference = three_rounds(stage, initial, "sequential", tmp_path / "sequential", strategy)
+    assert_same(reference, three_rounds(stage, initial, "vectorized", tmp_path / "vectorized", strategy),
+                f"vectorized, {strategy['server_optimizer']}")
+
+
 def test_stage2_backends_agree_with_the_default_backbone_dropout(tmp_path, features, ray_session):
     # Stage 2's backbone is frozen, so it runs without its dropout on every backend (the vectorized
     # and ray backends read it from a cache computed once); only the align gating's own dropout,
@@ -135,7 +147,7 @@ def one_round(stage, initial, backend: str, settings: dict, clients, seed: int =
     stage.model.load_state_dict(initial)
     global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
     made = BACKENDS[backend](stage.model, stage.windows, settings)
-    update, _ = made.run_round(clients, global_params, seed, False)
+    update, _ = round_update(made, clients, global_params, seed)
     if hasattr(made, "close"):
         made.close()
     return update
@@ -194,6 +206,29 @@ def test_vectorized_agrees_for_the_other_losses(loss_type, stages):
         stage.model.rec_loss = stage.cfg["loss"]["type"]
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_the_pooled_round_equals_the_per_client_one(weight_decay, stages, tmp_path):
+    # Full softmax, one unclipped SGD step: the vectorized backend takes the round's sum from one
+    # backward pass over the pooled positions; the sequential reference trains every client alone.
+    stage, initial = stages["stage1.yaml"]
+    settings = {**stage.cfg, "loss": {**stage.cfg["loss"], "type": "ce"},
+                "federated": {**stage.cfg["federated"], "cohort_positions": 50},  # several parts
+                "optim": {**stage.cfg["optim"], "clip_grad_norm": None, "weight_decay": weight_decay}}
+    clients = stage.windows.clients[:8]
+    stage.model.rec_loss = "ce"
+    try:
+        vectorized = BACKENDS["vectorized"](stage.model, stage.windows, settings)
+        assert vectorized.pooled
+        clipped = {**settings, "optim": {**settings["optim"], "clip_grad_norm": 5.0}}
+        assert not BACKENDS["vectorized"](stage.model, stage.windows, clipped).pooled
+        expected = one_round(stage, initial, "sequential", settings, clients)
+        assert_same_update(expected, one_round(stage, initial, "vectorized", settings, clients))
+        sums = vectorized.train_clients(clients, {n: initial[n].clone() for n in expected}, 3)
+        assert sums.clients == 8 and sums.weight == float(stage.windows.num_targets[clients].sum())
+    finally:
+        stage.model.rec_loss = stage.cfg["loss"]["type"]
+
+
 def test_stage2_computes_the_frozen_backbone_once(stages):
     stage, initial = stages["stage2.yaml"]
     stage.model.load_state_dict(initial)
@@ -201,7 +236,7 @@ def test_stage2_computes_the_frozen_backbone_once(stages):
     assert backend.cache is not None
     global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
     for seed in range(3):
-        backend.run_round(stage.windows.clients[:4], global_params, seed, False)
+        backend.train_clients(stage.windows.clients[:4], global_params, seed)
     assert backend.cache.generation == 1
     stage.model.eval()
     with torch.no_grad():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, fresh_trainer, tiny_config
+from conftest import ROOT, fresh_trainer, round_update, tiny_config
 from recbole_ext.federated.negatives import negatives_from_uniform, nth_allowed
 from recbole_ext.federated.vectorized import compact
 from recbole_ext.pipeline import Stage
@@ -195,11 +195,11 @@ def test_ray_actors_on_gpu_shares_give_the_vectorized_update(tmp_path):
     stage = Stage(tiny_config("stage1.yaml", tmp_path / "run", None, sets), "stage1.yaml")
     global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
     clients = stage.windows.clients[:8]
-    expected, _ = BACKENDS["vectorized"](stage.model, stage.windows, stage.cfg).run_round(
-        clients, global_params, 5, False)
+    expected, _ = round_update(BACKENDS["vectorized"](stage.model, stage.windows, stage.cfg), clients,
+                               global_params, 5)
     backend = BACKENDS["ray"](stage.model, stage.windows, stage.cfg)
     try:
-        got, _ = backend.run_round(clients, global_params, 5, False)
+        got, _ = round_update(backend, clients, global_params, 5)
         assert "cuda" in backend.rng_states()
     finally:
         backend.close()
@@ -218,8 +218,8 @@ def test_deterministic_kernels_change_nothing_on_a_cpu_and_are_reset_by_the_next
                       "stage1.yaml")
         assert torch.are_deterministic_algorithms_enabled() is deterministic
         params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
-        return BACKENDS["vectorized"](stage.model, stage.windows, stage.cfg).run_round(
-            stage.windows.clients[:6], params, 2, False)[0]
+        return round_update(BACKENDS["vectorized"](stage.model, stage.windows, stage.cfg),
+                            stage.windows.clients[:6], params, 2)[0]
 
     strict, plain = one_round(True), one_round(False)
     for name, value in plain.items():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import round_update, tiny_config
 from recbole_ext.federated.backends import BACKENDS
 from recbole_ext.model.experts import masked_softmax
 from recbole_ext.pipeline import Stage
@@ -87,7 +87,7 @@ def test_a_bf16_round_runs_on_every_backend_close_to_fp32(backend, tmp_path, fea
 
     def update():
         made = BACKENDS[backend](stage.model, stage.windows, stage.cfg)
-        return made.run_round(clients, {n: v.clone() for n, v in initial.items()}, 3, False)
+        return round_update(made, clients, {n: v.clone() for n, v in initial.items()}, 3)
 
     rounded, stats = update()
     stage.model.set_precision("fp32")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import run
-from conftest import ROOT, tiny_config
+from conftest import ROOT, round_update, tiny_config
 from recbole_ext.attack import auc_and_precision, item_scores, server_view, upload_scores
 from recbole_ext.federated.backends import BACKENDS
 from recbole_ext.federated.privacy import (ITEM_ROWS, MODULUS, Accountant, Uploads, clip_, decode,
@@ -77,7 +77,7 @@ def test_clipped_rounds_agree_across_backends(stage):
     updates = []
     for name in ("sequential", "vectorized"):
         made, global_params = backend_for(stage, name, settings)
-        updates.append(made.run_round(clients, global_params, 5, False)[0])
+        updates.append(round_update(made, clients, global_params, 5)[0])
     for name in updates[0]:
         torch.testing.assert_close(updates[1][name], updates[0][name], atol=1e-6, rtol=0)
 
@@ -95,7 +95,7 @@ def test_ray_aggregates_masked_clipped_shards(stage):
         updates = []
         for name in ("sequential", "ray"):
             made, global_params = backend_for(stage, name, settings)
-            updates.append(made.run_round(clients, global_params, 5, False)[0])
+            updates.append(round_update(made, clients, global_params, 5)[0])
             if hasattr(made, "close"):
                 made.close()
         for name in updates[0]:
@@ -111,8 +111,8 @@ def test_the_noise_on_the_sum_has_the_configured_scale(stage):
     clip, multiplier = 0.05, 2.0
     clipped, _ = backend_for(stage, "sequential", with_federated(built.cfg, dp=dp(clip)))
     noisy, global_params = backend_for(stage, "sequential", with_federated(built.cfg, dp=dp(clip, multiplier)))
-    plain = clipped.run_round(clients, global_params, 5, False)[0]
-    noised = noisy.run_round(clients, global_params, 5, False)[0]
+    plain = round_update(clipped, clients, global_params, 5)[0]
+    noised = round_update(noisy, clients, global_params, 5)[0]
     noise = torch.cat([(noised[n] - plain[n]).flatten() * len(clients) for n in plain]).double()
     assert noise.numel() > 50_000
     assert float(noise.std()) == pytest.approx(multiplier * clip, rel=0.02)
@@ -169,7 +169,7 @@ def test_secure_aggregate_equals_the_plain_uniform_mean(stage, backend):
     try:
         clients = built.windows.clients[:6]
         secure, global_params = backend_for(stage, backend, with_federated(built.cfg, secure_aggregation=True))
-        masked, stats = secure.run_round(clients, global_params, 4, False)
+        masked, stats = round_update(secure, clients, global_params, 4)
         plain, _ = backend_for(stage, "sequential", built.cfg)
         singles = [plain.train_clients([c], global_params, 4) for c in clients]
         for name in masked:
@@ -231,8 +231,8 @@ def test_sparse_uploads_send_less_and_aggregate_the_same(stage, backend):
     clients = built.windows.clients[:6]
     dense, global_params = backend_for(stage, backend, built.cfg)
     sparse, _ = backend_for(stage, backend, with_federated(built.cfg, sparse_uploads=True))
-    dense_update, dense_stats = dense.run_round(clients, global_params, 2, False)
-    sparse_update, sparse_stats = sparse.run_round(clients, global_params, 2, False)
+    dense_update, dense_stats = round_update(dense, clients, global_params, 2)
+    sparse_update, sparse_stats = round_update(sparse, clients, global_params, 2)
     for name in dense_update:
         torch.testing.assert_close(sparse_update[name], dense_update[name], atol=1e-7, rtol=0)
     assert sparse_stats["bytes_up"] < dense_stats["bytes_up"]

@@ -1,9 +1,9 @@
-"""Execution backends: who trains the round's clients. All return the same aggregated update.
+"""Execution backends: who trains the round's clients. All return the same sums.
 
-Every backend has `run_round(clients, global_params, round_seed, progress) -> (update, stats)`:
-the FedAvg of the clients' parameter changes (weighted by training targets, or uniform under DP and
-secure aggregation) and the weighted mean loss/gate statistics, with `bytes_up`. Each client's change
-becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the same in every
+Every backend has `train_clients(clients, global_params, round_seed, progress) -> RoundSums`: the
+sums of the clients' parameter changes (weighted by training targets, or uniform under DP and secure
+aggregation) and of their loss/gate statistics, with `bytes_up`; the server (server.py) turns them
+into the round's update. Each client's change becomes its upload through `privacy.Uploads` (clipping, masks, sparse rows), the same in every
 backend. A client's randomness is its own (`client.client_generator`), so the backends agree to float
 rounding for the same seed when dropout is off (tests/test_backends.py).
 
@@ -33,11 +33,6 @@ class SequentialBackend:
         self.settings = settings
         self.max_positions = positions_per_pass(model, settings)
         self.uploads = Uploads(settings)
-
-    def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
-        """Train each client from `global_params`; return (mean update, weighted mean stats)."""
-        sums = self.train_clients(clients, global_params, round_seed, progress)
-        return self.uploads.server_mean(sums, global_params, round_seed)
 
     def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
                       round_clients=None) -> RoundSums:

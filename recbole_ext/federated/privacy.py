@@ -6,8 +6,8 @@ implementation of each option:
 
 * `federated.dp` (DP-FedAvg, McMahan et al., ICLR 2018): each client's change is clipped to
   `clip_norm` in L2 over all trainable tensors and weighs 1 (uniform), and the server adds Gaussian
-  noise of std `noise_multiplier * clip_norm` to the sum before dividing by the number of clients.
-  The server optimizer only post-processes that mean. `Accountant` reports the (epsilon, delta) spent.
+  noise of std `noise_multiplier * clip_norm` to the sum before dividing by the number of clients
+  (server.aggregate). The server optimizer only post-processes that mean. `Accountant` reports the (epsilon, delta) spent.
 * `federated.secure_aggregation` (a simulation of Bonawitz et al., CCS 2017): updates are encoded as
   fixed-point integers modulo 2^62 and each client adds pairwise masks, uniform over that ring, that
   cancel in the sum; the server-side sums only ever hold masked values, and a single upload is
@@ -152,21 +152,6 @@ class Uploads:
             else:
                 total += d[c].numel() * size
         return total
-
-    def server_mean(self, sums: RoundSums, global_params: dict, round_seed: int) -> tuple[dict, dict]:
-        """The update the server applies: the sum (unmasked by the ring arithmetic), plus the DP noise,
-        over the clients' total weight; and the weighted mean stats, with `bytes_up`."""
-        total = dict(sums.update)
-        if self.secure:
-            total = {n: decode(v, global_params[n].dtype) for n, v in total.items()}
-        if self.clip_norm is not None and self.noise_multiplier > 0:
-            seed = np.random.SeedSequence([int(round_seed), NOISE_STREAM]).generate_state(1, np.uint64)[0]
-            generator = torch.Generator().manual_seed(int(seed))
-            std = self.noise_multiplier * self.clip_norm
-            total = {n: v + std * torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v)
-                     for n, v in total.items()}
-        update, stats = RoundSums(total, sums.stats, sums.weight).mean()
-        return update, {**stats, "bytes_up": sums.bytes_up}
 
 
 class Accountant:

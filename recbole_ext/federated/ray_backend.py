@@ -108,6 +108,7 @@ class RayBackend:
 
         fed = settings["federated"]
         self.windows = windows
+        self.settings = settings
         self.device = windows.device
         self.workers_count = fed["ray_workers"]
         cpus, gpus = fed["ray_cpus_per_worker"], fed["ray_gpus_per_worker"]
@@ -121,7 +122,7 @@ class RayBackend:
                                       actor_seed(settings["seed"], index), "cuda" if gpus > 0 else "cpu")
                         for index in range(self.workers_count)]
         self._share_states()
-        self.uploads = Uploads(settings)  # the server side: unmasking, noise
+        self.uploads = Uploads(settings)  # the empty sums the shards' are merged into
 
     def _share_states(self) -> None:
         """Compute (or recompute, if the backbone changed) the stage-2 states and hand them to the actors."""
@@ -134,10 +135,6 @@ class RayBackend:
             ref = ray.put(states.cpu().numpy())
             ray.get([w.set_states.remote(ref) for w in self.workers])
             self._shared_generation = self.cache.generation
-
-    def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
-        sums = self.train_clients(clients, global_params, round_seed)
-        return self.uploads.server_mean(sums, global_params, round_seed)
 
     def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
                       round_clients=None) -> RoundSums:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..data.sequences import TrainingWindows, to_device
 from .aggregate import RoundSums
 from .backbone_cache import BackboneCache
-from .client import client_generator, compact, positions_per_pass, whole_client_stats
+from .client import backward_in_parts, client_generator, compact, positions_per_pass, whole_client_stats
 from .local_optim import (adamw_, clip_coefficients, decays, first_adamw_step_sum, first_sgd_step_sum,
                           scale_per_client_, sgd_)
 from .negatives import negatives_from_uniform
@@ -86,6 +86,21 @@ def plan_cohorts(clients: np.ndarray, sizes: np.ndarray, max_clients: int, max_p
     return cohorts
 
 
+def pooled_sum_is_exact(model, settings: dict, uploads: Uploads) -> bool:
+    """Whether a round's sum of client updates is one backward pass over the clients' pooled
+    positions: one unclipped local SGD step, target weights, no per-client upload processing, and a
+    loss that is a sum over positions with nothing drawn per client (full softmax; no align loss over
+    a client's distinct targets, no load balance over its mean route). Then
+    sum_c n_c * (-lr g_c) = -lr * (gradient of the summed loss): the per-client gradients (dense
+    [C, items, hidden] under the full softmax) are never formed. Equal to the per-client path to
+    float rounding with dropout off (tests/test_backends.py); with dropout, its masks are drawn
+    per pooled batch instead of per client, from the same distribution."""
+    opt, fed = settings["optim"], settings["federated"]
+    return (fed["local_epochs"] == 1 and opt["optimizer"] == "sgd" and opt["clip_grad_norm"] is None
+            and not uploads.per_client and settings["loss"]["type"] == "ce" and not model.use_align
+            and not model.use_experts and not model.backbone_frozen())
+
+
 def gpu_cohort_size(model) -> int:
     """`federated.cohort_size` null on a GPU: the clients whose gradients (three copies of the
     trainable parameters each, with the optimizer's temporaries) fill a quarter of its free memory,
@@ -114,10 +129,7 @@ class VectorizedBackend:
         self.loss_module = _Call(model, "masked_sequence_loss")
         self.route_module = _Call(model, "mean_route")
         self.uploads = Uploads(settings)
-
-    def run_round(self, clients, global_params: dict, round_seed: int, progress: bool = True):
-        sums = self.train_clients(clients, global_params, round_seed, progress)
-        return self.uploads.server_mean(sums, global_params, round_seed)
+        self.pooled = pooled_sum_is_exact(model, settings, self.uploads)
 
     def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
                       round_clients=None) -> RoundSums:
@@ -125,6 +137,9 @@ class VectorizedBackend:
         partners; default `clients`)."""
         round_clients = clients if round_clients is None else round_clients
         sums = self.uploads.zeros(global_params)
+        if self.pooled:
+            self._pooled_sum(np.asarray(clients), global_params, sums)
+            return sums
         cohorts = plan_cohorts(np.asarray(clients), self.windows.num_targets, self.cohort_size,
                                self.cohort_positions, self.max_padding)
         # Frozen parameters and buffers, shared by every client (in_dims None below).
@@ -135,6 +150,38 @@ class VectorizedBackend:
         for cohort in tqdm(cohorts, desc="cohorts", leave=False, disable=not progress):
             self._train_cohort(cohort, global_params, frozen, states, round_seed, sums, round_clients)
         return sums
+
+    def _pooled_sum(self, clients: np.ndarray, global_params: dict, sums: RoundSums) -> None:
+        """The clients' weighted sum of one unclipped SGD step each, from one backward pass of the
+        loss over all their positions (see `pooled_sum_is_exact`), in parts of `cohort_positions`."""
+        opt, w = self.settings["optim"], self.windows
+        names = list(global_params)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in global_params.items():
+                params[name].copy_(value)
+                params[name].grad = None
+        host_index = np.concatenate([np.arange(w.window_offsets[c], w.window_offsets[c + 1]) for c in clients])
+        index = to_device(host_index, w.device)
+        total = float(w.num_targets[clients].sum())
+        self.model.train()
+        stats = backward_in_parts(self.model, w.inputs[index], w.targets[index], w.mem_rows[index], None,
+                                  self.cohort_positions, w.host_targets[host_index])
+        # The mean loss's gradient times the positions is the target-weighted sum of the clients' own.
+        grads = [(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).mul(total)
+                 .unsqueeze(0) for n in names]
+        weight_decay = [opt["weight_decay"] if decays(n, global_params[n]) else 0.0 for n in names]
+        one = torch.ones(1, device=grads[0].device)
+        updates = first_sgd_step_sum(grads, None, one, total, [global_params[n] for n in names],
+                                     opt["learning_rate"], weight_decay)
+        with torch.no_grad():
+            for name in names:
+                params[name].grad = None
+        dense_bytes = sum(p.numel() * p.element_size() for p in global_params.values())
+        self.uploads.add_summed(sums, dict(zip(names, updates)), len(clients), dense_bytes)
+        sums.add_stats(stats, float(total))
+        sums.weight += total
+        sums.clients += len(clients)
 
     # ----------------------------------------------------------------- one cohort
     def _train_cohort(self, cohort, global_params, frozen, states, round_seed, sums: RoundSums,

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The federation-gap study (docs/FEDERATION.md): federated stage 1 recipes on one dataset, each a
+# stage run of yamls/<dataset>/stage1.yaml with its overrides, one seed. Resumable: a finished run is
+# skipped, an interrupted one continues from its state.pt (run the same command again).
+#
+#   OMP_NUM_THREADS=1 experiments/federation_gap.sh amazon RECIPE [RECIPE ...]   (see RECIPES below)
+#   SEED=2021 OUT=runs/gap ...                                                   other seed / folder
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+source experiments/common.sh
+dataset=$1; shift
+seed=${SEED:-2020}
+out=${OUT:-runs/gap}/$dataset/seed$seed
+
+# Every recipe: full softmax, one unclipped local SGD step (the vectorized backend's pooled round),
+# FedAdam, no early stop before the budget (patience 100), about 15 passes over the users.
+COMMON=(--set loss.type=ce --set optim.clip_grad_norm=null --set eval.patience=100 --set state_every=10)
+declare -A RECIPES=(
+  [c512-const]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 eval.every=33"
+  [c512-cos]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
+  [c256-cos]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
+  [c256-cos-lr2]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.002 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
+  [c1024-cos]="federated.clients_per_round=1024 federated.rounds=330 federated.server_lr=0.004 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=17"
+  [c512-cos-b99]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.server_beta2=0.99 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
+  [c512-cos-tau]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.server_tau=1.0e-6 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
+  [c128-clip]="federated.clients_per_round=128 federated.rounds=500 eval.every=25 optim.clip_grad_norm=5.0"
+)
+for recipe in "$@"; do
+  [ -n "${RECIPES[$recipe]:-}" ] || { echo "unknown recipe $recipe (one of: ${!RECIPES[*]})" >&2; exit 2; }
+  sets=(); for kv in ${RECIPES[$recipe]}; do sets+=(--set "$kv"); done
+  runs=()
+  stage_run "yamls/$dataset/stage1.yaml" "$out/$recipe" "${COMMON[@]}" "${sets[@]}"
+done
