@@ -58,8 +58,8 @@ class RoundTrainer(Trainer):
         for index in bar:
             start = time.time()
             stats, bytes_up = self.train_unit(index, train_data, show_progress)
-            record = {self.unit: index, **self.unit_record(stats), "trainable_params": self.trainable_params,
-                      "bytes_up": bytes_up}
+            record = {self.unit: index, "passes": round(self.passes(index), 4), **self.unit_record(stats),
+                      "trainable_params": self.trainable_params, "bytes_up": bytes_up}
             if index % ev["every"] == 0 or index == self.units():
                 valid = valid_data.evaluate_users(self.model, "valid")
                 record["valid"], record["slices"] = valid.metrics, valid.slices()
@@ -88,6 +88,12 @@ class RoundTrainer(Trainer):
             if stop:
                 break
         return self.best_score, self.best_valid
+
+    def passes(self, index: int) -> float:
+        """Passes over the users' training data after `index` units (a centralized epoch is one; a
+        federated round is its clients over all users): the x axis on which run.py curves compares
+        trainers."""
+        return float(index)
 
     def unit_record(self, stats: dict) -> dict:
         """The training fields of a unit's metrics line."""

@@ -16,7 +16,8 @@ class FederatedTrainer(RoundTrainer):
     def __init__(self, recbole_config, model, settings, run, meta, windows):
         super().__init__(recbole_config, model, settings, run, meta)
         self.backend = BACKENDS[settings["federated"]["backend"]](model, windows, settings)
-        self.server = Server(self.trainable, settings, len(windows.clients))
+        self.users = len(windows.clients)
+        self.server = Server(self.trainable, settings, self.users)
 
     def units(self) -> int:
         return self.settings["federated"]["rounds"]
@@ -34,6 +35,9 @@ class FederatedTrainer(RoundTrainer):
         if self.server.accountant is not None:
             stats["epsilon"] = self.server.epsilon(index)
         return stats, bytes_up
+
+    def passes(self, index: int) -> float:
+        return index * self.server.per_round / self.users
 
     def unit_record(self, stats: dict) -> dict:
         record = super().unit_record(stats)
