@@ -3,7 +3,7 @@
 # stage run of yamls/<dataset>/stage1.yaml with its overrides, one seed. Resumable: a finished run is
 # skipped, an interrupted one continues from its state.pt (run the same command again).
 #
-#   OMP_NUM_THREADS=1 experiments/federation_gap.sh amazon RECIPE [RECIPE ...]   (see RECIPES below)
+#   OMP_NUM_THREADS=1 experiments/federation_gap.sh amazon RECIPE [RECIPE ...]   (RECIPES below, or centralized)
 #   SEED=2021 OUT=runs/gap ...                                                   other seed / folder
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +27,12 @@ declare -A RECIPES=(
   [c128-clip]="federated.clients_per_round=128 federated.rounds=500 eval.every=25 optim.clip_grad_norm=5.0"
 )
 for recipe in "$@"; do
+  runs=()
+  if [ "$recipe" = centralized ]; then  # the twin every recipe is held to (13 epochs: best epoch 11 on Beauty)
+    stage_run "yamls/$dataset/stage1_centralized.yaml" "$out/centralized" --set centralized.epochs="${EPOCHS:-13}"
+    continue
+  fi
   [ -n "${RECIPES[$recipe]:-}" ] || { echo "unknown recipe $recipe (one of: ${!RECIPES[*]})" >&2; exit 2; }
   sets=(); for kv in ${RECIPES[$recipe]}; do sets+=(--set "$kv"); done
-  runs=()
   stage_run "yamls/$dataset/stage1.yaml" "$out/$recipe" "${COMMON[@]}" "${sets[@]}"
 done
