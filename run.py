@@ -8,6 +8,7 @@
     python run.py report RUN_DIR [RUN_DIR ...]                         table of finished runs
     python run.py results RUN_DIR ... --out F.json [--plots DIR]       result records, seed table, figures
     python run.py compare RUN_A RUN_B [--split test] [--json F]        two runs user by user, overall and per slice
+    python run.py curves RUN_DIR ... --out F.png [--json F.json]       validation against passes and wall time
     python run.py baseline --config FILE --model SASRec --epochs N     stock RecBole model on our split
     python run.py baseline --config FILE --model Pop                   popularity on the same split
     python run.py tune --config yamls/tune_stage2.yaml [--set ...]     sweep a stage with Ray Tune
@@ -83,6 +84,9 @@ def main(argv: list[str]) -> int:
         elif argv and argv[0] == "compare":
             from recbole_ext.compare import main as compare_main
             compare_main(argv[1:])
+        elif argv and argv[0] == "curves":
+            from recbole_ext.curves import main as curves_main
+            curves_main(argv[1:])
         elif argv and argv[0] == "tune":
             from recbole_ext.tune import main as tune_main
             tune_main(argv[1:])
