@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from federated_round import PeakRSS  # noqa: E402
 from recbole_ext.config import load_config  # noqa: E402
-from recbole_ext.federated.client import backward_in_parts, draw_negatives, positions_per_pass  # noqa: E402
+from recbole_ext.local.steps import backward_in_parts, draw_negatives, positions_per_pass  # noqa: E402
 from recbole_ext.pipeline import Stage  # noqa: E402
 from recbole_ext.runs import machine_info  # noqa: E402
 

@@ -182,8 +182,8 @@ def bench_rounds(stage_obj, stage: int, dataset: str, client_counts, backends, r
 
 def centralized_step(stage_obj, clients, global_params) -> None:
     """One optimizer step over all windows of `clients` as one batch, then the parameters restored."""
-    from recbole_ext.federated.client import positions_per_pass, train_step
-    from recbole_ext.federated.local_optim import LocalOptimizer
+    from recbole_ext.local.steps import positions_per_pass, train_step
+    from recbole_ext.local.optim import LocalOptimizer
 
     model, windows, cfg = stage_obj.model, stage_obj.windows, stage_obj.cfg
     index = windows.windows_of(clients)

@@ -97,7 +97,7 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     """`sets`: config overrides of the upload (e.g. federated.secure_aggregation=true), to see what the
     same trained model's clients would send under another setting."""
     from .federated.backends import SequentialBackend
-    from .federated.client import round_seed
+    from .local.steps import round_seed
     from .federated.privacy import ITEM_ROWS
     from .pipeline import trained_stage
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import torch
 
-from .federated.client import positions_per_pass, train_step
-from .federated.local_optim import LocalOptimizer
+from .local.steps import positions_per_pass, round_seed, train_step
+from .local.optim import LocalOptimizer
 from .training import RoundTrainer
 
 
@@ -28,7 +28,7 @@ class CentralizedTrainer(RoundTrainer):
         owner = np.repeat(np.arange(len(train_data.window_offsets) - 1), np.diff(train_data.window_offsets))
         order = self.shuffler.permutation(len(owner))
         size = self.settings["centralized"]["batch_size"]
-        generator = torch.Generator(train_data.device).manual_seed(self.settings["seed"] * 100_003 + index)
+        generator = torch.Generator(train_data.device).manual_seed(round_seed(self.settings["seed"], index))
         totals, weight_sum = {}, 0
         self.model.train()
         for start in range(0, len(order), size):

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .results import _pyplot, load_runs, note
+from .plotting import pyplot
+from .results import load_runs, note
 
 
 def main(argv: list[str]) -> None:
@@ -60,7 +61,7 @@ def curve(run, metric: str, protocol: str) -> dict:
 
 
 def plot(curves: list[dict], path: Path, ylabel: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (by_pass, by_time) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for i, c in enumerate(curves):
         style = {"color": f"C{i % 10}", "marker": ".", "label": c["run"],

@@ -23,7 +23,7 @@ import torch
 from recbole.evaluator import Collector, Evaluator
 
 from .errors import UserError
-from .federated.negatives import sample_negatives
+from .local.negatives import sample_negatives
 from .runs import atomic_write
 
 PROTOCOLS = ("full", "uni100")

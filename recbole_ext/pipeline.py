@@ -203,8 +203,7 @@ def trained_stage(run_dir: str, sets: list[str] = ()) -> Stage:
     overrides. The folder is only read, and nothing is loaded from earlier stages: the checkpoint holds
     every parameter."""
     from .config import load_config
-    from .runs import CHECKPOINT, CONFIG
-    from .stages import read_checkpoint
+    from .runs import CHECKPOINT, CONFIG, read_checkpoint
 
     folder = Path(run_dir)
     if not (folder / CONFIG).is_file() or not (folder / CHECKPOINT).is_file():

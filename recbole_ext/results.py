@@ -29,9 +29,9 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .plotting import pyplot
 from .report import METRICS, UNI100_NOTE, read_summary
-from .runs import CHECKPOINT, read_metrics
-from .stages import read_checkpoint
+from .runs import CHECKPOINT, read_checkpoint, read_metrics
 
 OUR_MODEL = "UR4Rec-MoE"
 PROTOCOLS = ("full", "uni100")
@@ -387,7 +387,7 @@ def plot_validation(runs: list[Run], path: Path) -> None:
     if not federated:
         note(f"{path.name} skipped: no federated run with validation rounds among the runs given")
         return
-    plt = _pyplot()
+    plt = pyplot()
     offsets = round_offsets(federated)
     chained = [offset for offset in offsets.values() if offset]
     fig, axes = plt.subplots(1, 2 if chained else 1, figsize=(13 if chained else 8, 4.8), squeeze=False)
@@ -467,7 +467,7 @@ def router_visual_weights(run_dir: Path):
 def plot_router(router: list[dict], path: Path) -> None:
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     bins = np.linspace(0.0, 1.0, 21)
     for i, r in enumerate(router):
@@ -483,12 +483,3 @@ def plot_router(router: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     note(f"-> {path}")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -186,3 +188,21 @@ def _written_for(folder: Path) -> bool:
         return False
     run_dir = saved.get("run_dir") if isinstance(saved, dict) else None
     return isinstance(run_dir, str) and os.path.isabs(run_dir) and Path(run_dir).resolve() == folder.resolve()
+
+
+def read_checkpoint(path: str) -> dict:
+    """A project checkpoint: tensors and plain metadata only, never code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found (run the stage that writes it first)") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused: it holds Python objects beyond tensors and plain data, which "
+                        f"could run code when loaded. Project checkpoints never do; do not load this "
+                        f"file unless you know where it came from.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: {first[:120]})") from None
+    if not isinstance(payload, dict) or set(payload) != {"state_dict", "meta"}:
+        raise UserError(f"{path}: not a project checkpoint (expected keys state_dict and meta)")
+    return payload

@@ -9,13 +9,12 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
-import pickle
-import zipfile
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .runs import read_checkpoint
 
 
 def group_of(name: str) -> str:
@@ -63,8 +62,8 @@ def gradientless_parameters(model, windows, users: int = 32) -> list[str]:
     parameters are connected to the loss, not by how much); the run's own model and random streams
     are untouched.
     """
-    from .federated.client import backward_in_parts, default_positions_per_pass
-    from .federated.negatives import sample_negatives
+    from .local.steps import backward_in_parts, default_positions_per_pass
+    from .local.negatives import sample_negatives
 
     probe = copy.deepcopy(model).eval()
     probe.rec_loss = "sampled_softmax"
@@ -101,24 +100,6 @@ def check_server_rate_patterns(model, fed: dict, where: str) -> None:
         if not fnmatch.filter(trainable, pattern):
             raise UserError(f"{where}: federated.server_lr_groups pattern {pattern!r} matches no trainable "
                             f"parameter. Trainable groups are: {', '.join(sorted({group_of(n) for n in trainable}))}.")
-
-
-def read_checkpoint(path: str) -> dict:
-    """A project checkpoint: tensors and plain metadata only, never code."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found (run the stage that writes it first)") from None
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused: it holds Python objects beyond tensors and plain data, which "
-                        f"could run code when loaded. Project checkpoints never do; do not load this "
-                        f"file unless you know where it came from.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: {first[:120]})") from None
-    if not isinstance(payload, dict) or set(payload) != {"state_dict", "meta"}:
-        raise UserError(f"{path}: not a project checkpoint (expected keys state_dict and meta)")
-    return payload
 
 
 def load_groups(model, entries: list[dict], fingerprint: str) -> dict[str, str]:

@@ -17,8 +17,7 @@ from recbole.trainer import Trainer
 from tqdm import tqdm
 
 from . import compat
-from .runs import CHECKPOINT, RunFolder
-from .stages import read_checkpoint
+from .runs import CHECKPOINT, RunFolder, read_checkpoint
 
 
 class RoundTrainer(Trainer):

@@ -29,6 +29,7 @@ from pathlib import Path
 from . import compat  # noqa: F401  (numpy aliases before any RecBole import, in the driver and in trials)
 from .config import dump, get, load_config, with_values
 from .errors import UserError
+from .plotting import pyplot
 from .runs import CHECKPOINT, STATE, entry_names, listing, read_metrics
 
 SWEEP_CONFIG = "sweep.yaml"
@@ -535,11 +536,7 @@ def _short(value) -> str:
 def plot_stability(rows: list[dict], cfg: dict, path: Path) -> None:
     """Learning rate x projector init gain (or the first two numeric keys of the space), each trial
     coloured by its best metric; diverged trials a red cross, failed ones a grey square."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     space, key = cfg["tune"]["space"], f"valid_{metric_key(cfg)}"
     numeric = [k for k in space
                if rows and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in rows)]
@@ -584,11 +581,7 @@ def plot_stability(rows: list[dict], cfg: dict, path: Path) -> None:
 def plot_loss_curves(rows: list[dict], cfg: dict, sweep_dir: Path, path: Path, most_diverged: int = 4) -> None:
     """Training loss per round, log scale: the best and the worst trial that ran stably (by the sweep's
     metric) and the `most_diverged` trials that diverged first, each labelled with its values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {"best": "tab:green", "worst": "tab:blue", "diverged": "tab:red"}
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     chosen = loss_curve_trials(rows, cfg, most_diverged)

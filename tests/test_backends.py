@@ -21,7 +21,7 @@ from recbole_ext.config import load_config
 from recbole_ext.federated.aggregate import RoundSums
 from recbole_ext.federated.backbone_cache import BackboneCache
 from recbole_ext.federated.backends import BACKENDS, SequentialBackend
-from recbole_ext.federated.client import client_generator
+from recbole_ext.local.steps import client_generator
 from recbole_ext.federated.ray_backend import shard_clients
 from recbole_ext.federated.trainer import FederatedTrainer
 from recbole_ext.federated.vectorized import MAX_PADDING, plan_cohorts

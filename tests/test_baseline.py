@@ -16,7 +16,7 @@ from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
 from recbole_ext.report import table
 from recbole_ext.runs import read_metrics
-from recbole_ext.stages import read_checkpoint
+from recbole_ext.runs import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

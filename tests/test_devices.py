@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, fresh_trainer, round_update, tiny_config
-from recbole_ext.federated.negatives import negatives_from_uniform, nth_allowed
+from recbole_ext.local.negatives import negatives_from_uniform, nth_allowed
 from recbole_ext.federated.vectorized import compact
 from recbole_ext.pipeline import Stage
 
@@ -173,7 +173,7 @@ def test_cohort_size_null_is_the_cpu_default_on_a_cpu(tmp_path):
 
 @cuda
 def test_on_a_gpu_cohorts_and_passes_are_sized_to_its_memory(tmp_path):
-    from recbole_ext.federated.client import positions_per_pass
+    from recbole_ext.local.steps import positions_per_pass
     from recbole_ext.federated.vectorized import CPU_COHORT_SIZE, GPU_COHORT_SIZE, GPU_MAX_PADDING, VectorizedBackend
 
     stage = Stage(tiny_config("stage1.yaml", tmp_path / "run", None, ["device=cuda", "federated.cohort_size=null"]),

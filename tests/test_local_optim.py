@@ -1,4 +1,4 @@
-"""The package's one local optimizer (federated/local_optim.py) against torch.optim, the reference.
+"""The package's one local optimizer (local/optim.py) against torch.optim, the reference.
 
 Every trainer and backend steps with it: `LocalOptimizer` over a model's own parameters (sequential,
 centralized), the stacked functions over a cohort (vectorized). Here it must take torch.optim's
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from recbole_ext.federated.local_optim import ADAM_BETAS, ADAM_EPS, LocalOptimizer, decays
+from recbole_ext.local.optim import ADAM_BETAS, ADAM_EPS, LocalOptimizer, decays
 
 
 class Small(nn.Module):

@@ -1,4 +1,4 @@
-"""The per-user memory (DESIGN §3): time-causal, deterministic, and exactly the documented rules."""
+"""The per-user memory (docs/DESIGN.md §3): time-causal, deterministic, and exactly the documented rules."""
 
 import math
 import warnings

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_config
 from recbole_ext import compat
 from recbole_ext.errors import UserError
-from recbole_ext.federated.client import train_step
-from recbole_ext.federated.local_optim import LocalOptimizer
+from recbole_ext.local.steps import train_step
+from recbole_ext.local.optim import LocalOptimizer
 from recbole_ext.federated.trainer import FederatedTrainer
 from recbole_ext.pipeline import Stage
 from recbole_ext.runs import RunFolder
@@ -52,8 +52,8 @@ def gradients(stage, generator_seed=0):
     model.zero_grad(set_to_none=True)
     w = stage.windows
     valid = w.targets[index] > 0
-    from recbole_ext.federated.client import backward_in_parts
-    from recbole_ext.federated.negatives import sample_negatives
+    from recbole_ext.local.steps import backward_in_parts
+    from recbole_ext.local.negatives import sample_negatives
     distinct, owner = torch.unique(torch.as_tensor(owners), return_inverse=True)
     negatives = sample_negatives(w.excluded(distinct.tolist()), owner.unsqueeze(1).expand_as(valid)[valid], 16,
                                  torch.Generator().manual_seed(generator_seed))
@@ -191,8 +191,8 @@ def test_a_frozen_backbone_runs_without_dropout_and_a_training_one_with_it(tmp_p
 
 @pytest.mark.parametrize("stage_file", ["stage1.yaml", "stage3.yaml"])
 def test_a_client_larger_than_the_pass_limit_gets_the_one_pass_gradient(stage_file, tmp_path, features):
-    from recbole_ext.federated.client import backward_in_parts
-    from recbole_ext.federated.negatives import sample_negatives
+    from recbole_ext.local.steps import backward_in_parts
+    from recbole_ext.local.negatives import sample_negatives
 
     stage = build(stage_file, tmp_path, features, ["model.gating_init=0.5"])
     model, w = stage.model, stage.windows

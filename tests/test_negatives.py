@@ -7,8 +7,8 @@ import textwrap
 
 import torch
 
-from recbole_ext.federated import negatives
-from recbole_ext.federated.negatives import sample_negatives
+from recbole_ext.local import negatives
+from recbole_ext.local.negatives import sample_negatives
 
 
 def test_never_returns_a_history_item_even_for_huge_histories():

@@ -1,4 +1,4 @@
-"""The per-user, time-causal memory of past items (DESIGN §3), computed once per dataset as item ids.
+"""The per-user, time-causal memory of past items (docs/DESIGN.md §3), computed once per dataset as item ids.
 
 Reference semantics. Each user's sequence ``x_0 .. x_{n-1}`` is walked in time order; at each
 position ``t`` the retrieval for row ``t`` is written first, then ``x_t`` is inserted. So row ``t``

@@ -8,7 +8,7 @@ backend. A client's randomness is its own (`client.client_generator`), so the ba
 rounding for the same seed when dropout is off (tests/test_backends.py).
 
 * `sequential` (here) is the reference: one client after another on the global model object, each
-  with a fresh `LocalOptimizer` (local_optim.py, the optimizer of every backend), restoring the global
+  with a fresh `LocalOptimizer` (local/optim.py, the optimizer of every backend), restoring the global
   trainable parameters before each client; a client with more than `cohort_positions` positions
   takes its gradient in parts.
 * `vectorized` (vectorized.py): cohorts of clients at once with torch.func (stacked parameters).
@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from ..data.sequences import TrainingWindows, to_device
 from .aggregate import RoundSums
-from .client import client_generator, positions_per_pass, train_step
-from .local_optim import LocalOptimizer
+from ..local.steps import client_generator, positions_per_pass, train_step
+from ..local.optim import LocalOptimizer
 from .privacy import Uploads
 
 

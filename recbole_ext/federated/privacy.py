@@ -157,8 +157,8 @@ class Uploads:
 class Accountant:
     """User-level (epsilon, delta) of DP-FedAvg after a number of rounds, from Google's dp-accounting.
 
-    Each round samples a fixed number m of the n clients without replacement (the trainer's
-    `clients_for_round`), so the event is `SampledWithoutReplacementDpEvent`, whose RDP bound
+    Each round samples a fixed number m of the n clients without replacement (the server's
+    `Server.sample`), so the event is `SampledWithoutReplacementDpEvent`, whose RDP bound
     (Wang, Balle, Kasiviswanathan, AISTATS 2019) holds for "replace one user" neighbours. Replacing
     one clipped update moves the sum by up to 2 * clip_norm, so the Gaussian's multiplier relative to
     that sensitivity is noise_multiplier / 2. Poisson accounting with q = m / n would not describe

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..training import RoundTrainer
 from .backends import BACKENDS
-from .client import round_seed
+from ..local.steps import round_seed
 from .server import Server, update_magnitudes
 
 

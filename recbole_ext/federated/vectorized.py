@@ -2,7 +2,7 @@
 
 Each cohort runs `vmap(grad(loss))` over its clients: one batched forward and backward instead of
 one small one per client, with each client's own gradient clipping, its own optimizer (SGD or
-AdamW of local_optim.py, state stacked [C, ...]) and its own negatives, drawn from its own
+AdamW of local/optim.py, state stacked [C, ...]) and its own negatives, drawn from its own
 generator exactly as `sequential` draws them.
 Frozen parameters and buffers are shared, never copied per client. The first local step starts every
 client from the global parameters, so they are passed once (not stacked) and the forward runs plain
@@ -37,10 +37,10 @@ from tqdm import tqdm
 from ..data.sequences import TrainingWindows, to_device
 from .aggregate import RoundSums
 from .backbone_cache import BackboneCache
-from .client import backward_in_parts, client_generator, compact, positions_per_pass, whole_client_stats
-from .local_optim import (adamw_, clip_coefficients, decays, first_adamw_step_sum, first_sgd_step_sum,
+from ..local.steps import backward_in_parts, client_generator, compact, positions_per_pass, whole_client_stats
+from ..local.optim import (adamw_, clip_coefficients, decays, first_adamw_step_sum, first_sgd_step_sum,
                           scale_per_client_, sgd_)
-from .negatives import negatives_from_uniform
+from ..local.negatives import negatives_from_uniform
 from .privacy import Uploads
 
 MAX_PADDING = 0.25  # a cohort pads a client's positions by at most this fraction (on a CPU)

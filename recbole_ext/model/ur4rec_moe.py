@@ -8,7 +8,7 @@ whose ID embedding e_i was trained on a few interactions can still be ranked by 
 
 SASRec: W.-C. Kang and J. McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
 The stage switches (`align` for beta, `experts` for gamma) and the per-user memory follow
-DESIGN.md sections 2 and 3. Subclassing RecBole's SASRec keeps its parameter names, so a stage-1
+docs/DESIGN.md sections 2 and 3. Subclassing RecBole's SASRec keeps its parameter names, so a stage-1
 checkpoint is a SASRec checkpoint and stage-1 scores are SASRec's scores.
 """
 from __future__ import annotations

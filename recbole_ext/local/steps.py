@@ -2,7 +2,7 @@
 
 What every backend shares about a client, so they all train it the same way: its random stream
 (`client_generator`), its negatives (`draw_negatives`), the loss in parts (`backward_in_parts`) and
-the optimizer (`local_optim.py`: `train_step` here steps one set of windows with it as a cohort of
+the optimizer (`optim.py`: `train_step` here steps one set of windows with it as a cohort of
 one; `federated/vectorized.py` steps stacked per-client tensors with the same functions).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..data.sequences import TrainingWindows, to_device
-from .local_optim import LocalOptimizer
+from .optim import LocalOptimizer
 from .negatives import sample_negatives
 
 
