@@ -36,7 +36,8 @@ def main(argv: list[str]) -> None:
 
 
 def curve(run, metric: str, protocol: str) -> dict:
-    """A run's validated units: {unit, passes, seconds (cumulative), value}, and its best point."""
+    """A run's validated units: {unit, passes, seconds (cumulative), value, and for a federated run
+    that round's update_abs}, and its best point."""
     lines = run.metrics
     if not lines:
         raise UserError(f"{run.path}: no metrics.jsonl lines")
@@ -48,8 +49,11 @@ def curve(run, metric: str, protocol: str) -> dict:
     for line in lines:
         elapsed += line["seconds"]
         if "valid" in line:
-            points.append({unit: line[unit], "passes": line["passes"], "seconds": round(elapsed, 1),
-                           "value": line["valid"][protocol][metric]})
+            point = {unit: line[unit], "passes": line["passes"], "seconds": round(elapsed, 1),
+                     "value": line["valid"][protocol][metric]}
+            if "update_abs" in line:  # the server's |Delta| quantiles: the scale server_tau is set against
+                point["update_abs"] = line["update_abs"]
+            points.append(point)
     if not points:
         raise UserError(f"{run.path}: no validated {unit} yet")
     fed = run.config.get("federated") or {}

@@ -34,6 +34,7 @@ def test_curves_put_runs_on_passes_and_cumulative_wall_time(runs, tmp_path, caps
     assert fed["points"][1]["seconds"] == pytest.approx(sum(line["seconds"] for line in lines[:4]), abs=0.1)
     assert [p["value"] for p in fed["points"]] == [lines[i]["valid"]["full"]["ndcg@10"] for i in (1, 3, 4)]
     assert fed["setting"]["clients_per_round"] == 6 and central["setting"] == {}
+    assert fed["points"][0]["update_abs"] == lines[1]["update_abs"] and "update_abs" not in central["points"][0]
     assert [p["passes"] for p in central["points"]] == [1.0, 2.0]
     assert fed["best"]["value"] == max(p["value"] for p in fed["points"])
     assert "| fed | federated |" in capsys.readouterr().out
