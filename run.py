@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import textwrap
 
@@ -43,7 +44,7 @@ def run_stage(argv: list[str]) -> None:
 
     from recbole_ext.config import check_resumable, load_config
     from recbole_ext.pipeline import Stage
-    from recbole_ext.report import format_summary
+    from recbole_ext.analysis.report import format_summary
     from recbole_ext.runs import check_fresh
 
     cfg = load_config(args.config, args.set + ([f"run_dir={args.resume}"] if args.resume else []))
@@ -58,38 +59,25 @@ def run_stage(argv: list[str]) -> None:
     print(f"run folder: {cfg['run_dir']}")
 
 
+# subcommand -> the module whose main(argv) runs it; anything else is a stage run
+SUBCOMMANDS = {
+    "prepare": "recbole_ext.data.prepare",
+    "report": "recbole_ext.analysis.report",
+    "results": "recbole_ext.analysis.results",
+    "compare": "recbole_ext.analysis.compare",
+    "curves": "recbole_ext.analysis.curves",
+    "baseline": "recbole_ext.analysis.baseline",
+    "ablate": "recbole_ext.analysis.ablate",
+    "items": "recbole_ext.analysis.item_vectors",
+    "attack": "recbole_ext.analysis.attack",
+    "tune": "recbole_ext.tune",
+}
+
+
 def main(argv: list[str]) -> int:
     try:
-        if argv and argv[0] == "prepare":
-            from recbole_ext.data import prepare
-            prepare.main(argv[1:])
-        elif argv and argv[0] == "report":
-            from recbole_ext.report import main as report_main
-            report_main(argv[1:])
-        elif argv and argv[0] == "baseline":
-            from recbole_ext.baseline import main as baseline_main
-            baseline_main(argv[1:])
-        elif argv and argv[0] == "results":
-            from recbole_ext.results import main as results_main
-            results_main(argv[1:])
-        elif argv and argv[0] == "ablate":
-            from recbole_ext.ablate import main as ablate_main
-            ablate_main(argv[1:])
-        elif argv and argv[0] == "items":
-            from recbole_ext.item_vectors import main as items_main
-            items_main(argv[1:])
-        elif argv and argv[0] == "attack":
-            from recbole_ext.attack import main as attack_main
-            attack_main(argv[1:])
-        elif argv and argv[0] == "compare":
-            from recbole_ext.compare import main as compare_main
-            compare_main(argv[1:])
-        elif argv and argv[0] == "curves":
-            from recbole_ext.curves import main as curves_main
-            curves_main(argv[1:])
-        elif argv and argv[0] == "tune":
-            from recbole_ext.tune import main as tune_main
-            tune_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         else:
             run_stage(argv)
     except UserError as err:

@@ -24,6 +24,7 @@ declare -A RECIPES=(
   [c1024-cos]="federated.clients_per_round=1024 federated.rounds=330 federated.server_lr=0.004 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=17"
   [c512-cos-b99]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.server_beta2=0.99 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
   [c512-cos-tau]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.server_tau=1.0e-6 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
+  [ml1m-c128-cos]="federated.clients_per_round=128 federated.rounds=472 federated.server_lr=0.002 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=24"
   [c128-clip]="federated.clients_per_round=128 federated.rounds=500 eval.every=25 optim.clip_grad_norm=5.0"
 )
 for recipe in "$@"; do

@@ -74,7 +74,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "model.memory.lt_k": ((int,), False, _non_negative),
     "model.memory.novelty_threshold": ((float,), False, None),
     "model.memory.merge_threshold": ((float,), False, None),
-    "model.memory.recency_decay": ((float,), False, (lambda v: 0 < v <= 1, "must be in (0, 1]")),
+    "model.memory.recency_decay": ((float,), False, (lambda v: 0 <= v <= 1, "must be in [0, 1]")),  # as MemoryConfig
     "loss.type": ((str,), False, _choice("bpr", "sampled_softmax", "ce")),
     "loss.num_negatives": ((int,), False, _positive),
     "loss.lambda_align": ((float,), False, _non_negative),

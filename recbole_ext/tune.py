@@ -29,7 +29,7 @@ from pathlib import Path
 from . import compat  # noqa: F401  (numpy aliases before any RecBole import, in the driver and in trials)
 from .config import dump, get, load_config, with_values
 from .errors import UserError
-from .plotting import pyplot
+from .analysis.plotting import pyplot
 from .runs import CHECKPOINT, STATE, entry_names, listing, read_metrics
 
 SWEEP_CONFIG = "sweep.yaml"

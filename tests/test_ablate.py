@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from recbole_ext.ablate import ablate, switched_off, terms_of
+from recbole_ext.analysis.ablate import ablate, switched_off, terms_of
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
 

@@ -11,10 +11,10 @@ import torch
 
 from conftest import ROOT, tiny_config
 from recbole_ext import compat
-from recbole_ext.baseline import Baseline
+from recbole_ext.analysis.baseline import Baseline
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
-from recbole_ext.report import table
+from recbole_ext.analysis.report import table
 from recbole_ext.runs import read_metrics
 from recbole_ext.runs import read_checkpoint
 

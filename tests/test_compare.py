@@ -9,8 +9,8 @@ import pytest
 
 import run as run_py
 from conftest import tiny_config
-from recbole_ext.baseline import popularity_run
-from recbole_ext.compare import compare, load, paired
+from recbole_ext.analysis.baseline import popularity_run
+from recbole_ext.analysis.compare import compare, load, paired
 from recbole_ext.errors import UserError
 from recbole_ext.evaluation import PROTOCOLS
 from recbole_ext.pipeline import Stage

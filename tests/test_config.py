@@ -47,6 +47,12 @@ def test_ints_and_plain_scientific_notation_are_accepted_for_floats():
     assert groups["federated"]["server_lr_groups"] == {"gamma": 1.0, "router.*": 0.01}
 
 
+def test_the_schema_accepts_what_the_memory_accepts():
+    # recency_decay 0: only an entry's frequency ranks it (tests/test_memory.py builds such a memory)
+    assert load_config(ROOT / "yamls" / "stage3.yaml", ["model.memory.recency_decay=0.0"])["model"]["memory"][
+        "recency_decay"] == 0.0
+
+
 @pytest.mark.parametrize("sets, message", [
     (["federated.rouns=3"], r"unknown key 'federated.rouns' \(did you mean 'federated.rounds'\?\)"),
     (["optim.learning_rate=-0.1"], r"optim.learning_rate = -0.1 must be > 0"),
@@ -59,6 +65,7 @@ def test_ints_and_plain_scientific_notation_are_accepted_for_floats():
     (["federated.server_lr_groups={gamma: -1}"], r"server_lr_groups\['gamma'\] must be a learning rate > 0, got -1"),
     (["federated.server_lr_groups={gamma: fast}"], r"server_lr_groups\['gamma'\] must be a learning rate > 0"),
     (["federated.server_lr_groups=[gamma]"], r"federated.server_lr_groups must be dict"),
+    (["model.memory.recency_decay=1.5"], r"model.memory.recency_decay = 1.5 must be in \[0, 1\]"),
 ])
 def test_bad_overrides_name_the_key(sets, message):
     with pytest.raises(UserError, match=message):

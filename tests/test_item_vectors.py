@@ -9,7 +9,7 @@ import torch
 
 import run
 from conftest import tiny_config
-from recbole_ext.item_vectors import item_vectors, slice_table
+from recbole_ext.analysis.item_vectors import item_vectors, slice_table
 from recbole_ext.pipeline import Stage
 
 

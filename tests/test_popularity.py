@@ -18,8 +18,8 @@ import torch
 from conftest import ROOT
 from recbole_ext.config import load_config
 from recbole_ext.pipeline import Split, recbole_settings
-from recbole_ext.popularity import Popularity, training_counts
-from recbole_ext.report import table
+from recbole_ext.analysis.popularity import Popularity, training_counts
+from recbole_ext.analysis.report import table
 
 USERS = range(1, 31)
 HELD_OUT = 36  # every user's validation target, and users 1-10's test target

@@ -10,7 +10,7 @@ import torch
 
 import run
 from conftest import ROOT, round_update, tiny_config
-from recbole_ext.attack import auc_and_precision, item_scores, server_view, upload_scores
+from recbole_ext.analysis.attack import auc_and_precision, item_scores, server_view, upload_scores
 from recbole_ext.federated.backends import BACKENDS
 from recbole_ext.federated.privacy import (ITEM_ROWS, MODULUS, Accountant, Uploads, clip_, decode,
                                            mask_partners)

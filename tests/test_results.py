@@ -12,7 +12,7 @@ from conftest import tiny_config
 from recbole_ext.config import dump, load_config
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
-from recbole_ext.results import (PROTOCOLS, SPLITS, aggregate, best_validation, compute_table, infer_variant,
+from recbole_ext.analysis.results import (PROTOCOLS, SPLITS, aggregate, best_validation, compute_table, infer_variant,
                                  load_runs, markdown_table, records, round_offsets)
 
 BACKBONE = "[item_embedding, position_embedding, trm_encoder, LayerNorm]"

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 from recbole_ext.evaluation import PROTOCOLS, history_slices, item_count_slices
 from recbole_ext.pipeline import Stage
-from recbole_ext.popularity import Popularity
+from recbole_ext.analysis.popularity import Popularity
 
 ROUNDING = 0.5e-4 + 1e-12  # RecBole rounds its metrics to 4 decimals (metric_decimal_place)
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
+from ..runs import CHECKPOINT, read_checkpoint, read_metrics
 from .plotting import pyplot
 from .report import METRICS, UNI100_NOTE, read_summary
-from .runs import CHECKPOINT, read_checkpoint, read_metrics
 
 OUR_MODEL = "UR4Rec-MoE"
 PROTOCOLS = ("full", "uni100")
@@ -448,9 +448,9 @@ def router_visual_weights(run_dir: Path):
     rebuilt from its config.yaml (features and memory included) and takes every group from best.pt."""
     import torch
 
-    from . import stages
-    from .config import load_config
-    from .pipeline import Stage
+    from .. import stages
+    from ..config import load_config
+    from ..pipeline import Stage
 
     config_path = run_dir / "config.yaml"
     # best.pt holds every parameter, so the checkpoints the run started from are not needed (or read)

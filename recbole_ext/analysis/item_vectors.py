@@ -21,7 +21,7 @@ COLUMNS = ("items", "id_norm", "content_norm", "vector_norm", "cosine")
 def slice_table(ids: np.ndarray, content: np.ndarray | None, counts: np.ndarray, bins) -> dict:
     """{slice label: {column: value}} for the item rows `ids` [n, H], `content` [n, H] or None and
     their training interactions `counts` [n], sliced at the lower edges `bins` after 0."""
-    from .evaluation import item_count_slices
+    from ..evaluation import item_count_slices
 
     index, labels = item_count_slices(counts, bins)
     table = {}
@@ -45,7 +45,7 @@ def slice_table(ids: np.ndarray, content: np.ndarray | None, counts: np.ndarray,
 def item_vectors(run_dir: str, bins=None) -> dict:
     """The slice table of the run's best checkpoint; `bins`: lower edges after 0 (default: the run's
     `eval.item_count_bins`)."""
-    from .pipeline import trained_stage
+    from ..pipeline import trained_stage
 
     stage = trained_stage(run_dir)
     model = stage.model.eval()
@@ -68,7 +68,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from .evaluation import item_count_edges
+    from ..evaluation import item_count_edges
 
     parser = argparse.ArgumentParser(prog="run.py items", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR")

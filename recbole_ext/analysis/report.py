@@ -6,7 +6,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 METRICS = {"hit@10": "HR@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10"}  # table columns: heading
 # Printed under every results table: sampled metrics are only comparable under the same exclusion rule.

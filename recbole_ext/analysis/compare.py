@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .evaluation import PROTOCOLS, UserMetrics, item_count_edges
+from ..errors import UserError
+from ..evaluation import PROTOCOLS, UserMetrics, item_count_edges
+from ..runs import PER_USER
 from .report import METRICS
-from .runs import PER_USER
 
 COMPARED = ("hit@10", "ndcg@10")
 _CHUNK = 256  # bootstrap resamples drawn at once: bounds memory at _CHUNK x users counts

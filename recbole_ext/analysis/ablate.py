@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 METRICS = ("hit@10", "ndcg@10")
 
@@ -50,7 +50,7 @@ def terms_of(model) -> list[str]:
 
 def ablate(run_dir: str, split: str = "valid") -> dict:
     """{"all terms" or "<term> off": {protocol: {metric: value}}} for the run's best checkpoint."""
-    from .pipeline import trained_stage
+    from ..pipeline import trained_stage
 
     folder = Path(run_dir)
     stage = trained_stage(run_dir)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import compat
-from .errors import UserError
-from .pipeline import Split, recbole_settings
-from .runs import OPTIONS, atomic_write, check_fresh
-from .training import RoundTrainer, final_evaluation
+from .. import compat
+from ..errors import UserError
+from ..pipeline import Split, recbole_settings
+from ..runs import OPTIONS, atomic_write, check_fresh
+from ..training import RoundTrainer, final_evaluation
 
 # The config keys each trained model reads; summary.json records their values.
 MODELS = {
@@ -139,7 +139,7 @@ class Baseline:
                  learning_rate: float | None = None, batch_size: int | None = None):
         from recbole.utils import init_seed
 
-        from . import stages
+        from .. import stages
 
         self.model_name = model_name(model)
         _check_budget(epochs, max_minutes, learning_rate, batch_size)
@@ -175,7 +175,7 @@ class Baseline:
         return f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}{minutes}"
 
     def run(self, show_progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
-        from .runs import RunFolder, machine_info
+        from ..runs import RunFolder, machine_info
 
         cfg = self.cfg
         run = RunFolder(cfg["run_dir"])
@@ -220,9 +220,9 @@ class Baseline:
 
 def popularity_run(cfg: dict, where: str, overwrite: bool = False) -> dict:
     """Score `cfg`'s split by popularity on both protocols, write the run folder, return its summary."""
-    from .model.ur4rec_moe import UR4RecMoE
+    from ..model.ur4rec_moe import UR4RecMoE
     from .popularity import Popularity, training_counts
-    from .runs import RunFolder, machine_info
+    from ..runs import RunFolder, machine_info
 
     started = time.time()
     # A stage's own model class and settings, so the split and the uni100 negatives are its runs'.
@@ -294,7 +294,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from .config import check_resumable, load_config
+    from ..config import check_resumable, load_config
     from .report import format_summary
 
     name = model_name(args.model)

@@ -11,7 +11,7 @@ import torch
 
 def training_counts(split) -> torch.Tensor:
     """[n_items] int64: each item's interactions in the training split of `split` (a pipeline.Split)."""
-    from .evaluation import training_counts as counts
+    from ..evaluation import training_counts as counts
 
     return counts(split.dataset, (split.valid.dataset, split.test.dataset))[0]
 

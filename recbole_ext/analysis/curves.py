@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .plotting import pyplot
 from .results import load_runs, note
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 SCORES = ("row_norm", "row_sent")
 # projector weight -> (its score's name, the model's feature table, the modality's `available` column)
@@ -45,7 +45,7 @@ PROJECTORS = {"text_proj.weight": ("text_response", "text_feat", 1),
 def server_view(backend, user: int, global_params: dict, round_seed: int, round_clients) -> tuple[dict, int]:
     """name -> what the server holds of `user`'s upload, as floats (masked residues decoded as the
     server would decode a sum); and the bytes the upload takes."""
-    from .federated.privacy import decode
+    from ..federated.privacy import decode
 
     sums = backend.train_clients([user], global_params, round_seed, round_clients=round_clients)
     if sums.modulus is None:
@@ -71,7 +71,7 @@ def projector_response(update: torch.Tensor, features: torch.Tensor, available: 
 def upload_scores(view: dict, model) -> dict:
     """Every score the upload supports: from the item rows when they train, else from each projector
     that trains and has items with its modality."""
-    from .federated.privacy import ITEM_ROWS
+    from ..federated.privacy import ITEM_ROWS
 
     if ITEM_ROWS in view:
         return item_scores(view[ITEM_ROWS])
@@ -96,10 +96,10 @@ def auc_and_precision(score: np.ndarray, in_history: np.ndarray, rng: np.random.
 def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ()) -> dict:
     """`sets`: config overrides of the upload (e.g. federated.secure_aggregation=true), to see what the
     same trained model's clients would send under another setting."""
-    from .federated.backends import SequentialBackend
-    from .local.steps import round_seed
-    from .federated.privacy import ITEM_ROWS
-    from .pipeline import trained_stage
+    from ..federated.backends import SequentialBackend
+    from ..local.steps import round_seed
+    from ..federated.privacy import ITEM_ROWS
+    from ..pipeline import trained_stage
 
     folder = Path(run_dir)
     stage = trained_stage(run_dir, sets)
