@@ -16,7 +16,7 @@
 #   DEVICE=cpu TINY=1 bash benchmarks/gpu_round.sh /tmp/smoke.json   # every step, tiny, on a CPU
 #
 # Needs data/ml-100k, a prepared data/ml-1m (ml-1m.inter and ml-1m.item; stage 1 reads no features)
-# and this project's requirements with a CUDA build of torch (README, "Devices").
+# and this project's requirements with a CUDA build of torch (docs/DEVICES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"

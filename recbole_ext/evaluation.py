@@ -111,7 +111,7 @@ class UserMetrics:
         return out
 
     def save(self, path: Path) -> None:
-        """A compact .npz (see README: per-user values), written whole or not at all."""
+        """A compact .npz (docs/EVALUATION.md: per-user values), written whole or not at all."""
         arrays = {"users": self.users, "targets": self.targets, "item_counts": self.item_counts,
                   "history": self.history, "metrics": np.array(self.names),
                   "item_count_bins": np.array(self.item_count_bins, np.int64),

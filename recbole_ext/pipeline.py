@@ -50,7 +50,7 @@ def check_device(device: str, where: str) -> None:
     if not torch.cuda.is_available():
         raise UserError(f"{where}: device {device!r}: no CUDA device is available to torch {torch.__version__} "
                         f"(a CPU build, or no GPU visible); set device: cpu, or install a CUDA build of torch "
-                        f"(README, \"Devices\")")
+                        f"(docs/DEVICES.md)")
     index = int(device.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
         raise UserError(f"{where}: device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), "

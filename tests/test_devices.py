@@ -116,7 +116,7 @@ def test_a_stage_trains_on_cuda_like_on_the_cpu(backend, tmp_path):
 @cuda
 def test_a_cuda_run_resumed_from_its_state_matches_the_uninterrupted_one(tmp_path):
     """Dropout on, so the CUDA generator's state matters; deterministic kernels, so the same
-    rounds repeat bit for bit (README "Devices": without them, they agree to rounding)."""
+    rounds repeat bit for bit (docs/DEVICES.md: without them, they agree to rounding)."""
     sets = ["device=cuda", "deterministic=true", "model.hidden_dropout_prob=0.2", "model.attn_dropout_prob=0.2",
             "federated.backend=vectorized"]
     stage = Stage(tiny_config("stage1.yaml", tmp_path / "built", None, sets), "stage1.yaml")
