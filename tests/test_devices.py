@@ -6,13 +6,11 @@ on a GPU machine runs them.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+import run
 from conftest import ROOT, fresh_trainer, round_update, tiny_config
 from recbole_ext.local.negatives import negatives_from_uniform, nth_allowed
 from recbole_ext.federated.vectorized import compact
@@ -26,21 +24,24 @@ def cuda(test):
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
-def run_py(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+def refused(monkeypatch, capsys, *args) -> str:
+    """run.py's exit code 2 and its message, in this process (the refusals come before any work)."""
+    monkeypatch.chdir(ROOT)
+    code = run.main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return " ".join(err.split())
 
 
 @no_cuda
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_a_stage_asking_for_cuda_without_it_is_refused_before_reading_data(device, tmp_path):
+def test_a_stage_asking_for_cuda_without_it_is_refused_before_reading_data(device, tmp_path, monkeypatch, capsys):
     # data.path points nowhere: the device is refused first, or the message would be about the data.
-    out = run_py("--config", "yamls/demo/stage1.yaml", "--set", f"device={device}",
-                 "--set", f"data.path={tmp_path / 'nowhere'}", "--set", f"run_dir={tmp_path / 'run'}")
-    assert out.returncode == 2, out.stderr
-    message = " ".join(out.stderr.split())
+    message = refused(monkeypatch, capsys, "--config", "yamls/demo/stage1.yaml", "--set", f"device={device}",
+                      "--set", f"data.path={tmp_path / 'nowhere'}", "--set", f"run_dir={tmp_path / 'run'}")
     assert "yamls/demo/stage1.yaml" in message and f"device '{device}'" in message and "set device: cpu" in message
-    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("sets, words", [
@@ -48,11 +49,10 @@ def test_a_stage_asking_for_cuda_without_it_is_refused_before_reading_data(devic
     (["device=cuda", "tune.gpus_per_trial=0"], "tune.gpus_per_trial 0"),
     (["device=cuda:1", "tune.gpus_per_trial=1"], "set device: cuda"),
 ])
-def test_a_sweep_whose_trials_cannot_get_their_device_is_refused(sets, words, tmp_path):
-    out = run_py("tune", "--config", "yamls/tune_smoke.yaml", "--set", f"tune.storage_path={tmp_path}",
-                 *sum((["--set", s] for s in sets), []))
-    assert out.returncode == 2, out.stderr
-    assert "yamls/tune_smoke.yaml" in out.stderr and words in " ".join(out.stderr.split())
+def test_a_sweep_whose_trials_cannot_get_their_device_is_refused(sets, words, tmp_path, monkeypatch, capsys):
+    message = refused(monkeypatch, capsys, "tune", "--config", "yamls/tune_smoke.yaml",
+                      "--set", f"tune.storage_path={tmp_path}", *sum((["--set", s] for s in sets), []))
+    assert "yamls/tune_smoke.yaml" in message and words in message
     assert not any(tmp_path.iterdir())
 
 

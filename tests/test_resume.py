@@ -10,7 +10,10 @@ import time
 import pytest
 import torch
 
+import run as run_py
 from conftest import ROOT, recbole_example_dir
+from recbole_ext.config import load_config
+from recbole_ext.runs import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +33,13 @@ def metrics(run_dir):
 
 
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
+    # 10 rounds: the kill lands after the third metrics line and before the last round
+    short = ("--set", "federated.rounds=10")
     reference = tmp_path / "reference"
-    subprocess.run(command(reference), check=True, capture_output=True)
+    subprocess.run(command(reference, *short), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(killed, *short), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         path = killed / "metrics.jsonl"
@@ -44,9 +49,9 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(metrics(killed))
-    assert 3 <= done < 30, "the kill should land before the run finished"
+    assert 3 <= done < 10, "the kill should land before the run finished"
 
-    subprocess.run(command(killed, "--resume", str(killed)), check=True, capture_output=True)
+    subprocess.run(command(killed, *short, "--resume", str(killed)), check=True, capture_output=True)
     assert metrics(killed) == metrics(reference)
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (killed, reference))
     assert ours["test"] == theirs["test"] and ours["best_round"] == theirs["best_round"]
@@ -54,15 +59,20 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
                        torch.load(reference / "best.pt", weights_only=True)["state_dict"]["item_embedding.weight"])
 
 
-def test_resume_refuses_a_changed_config(tmp_path):
+def test_resume_refuses_a_changed_config(tmp_path, capsys):
+    # config.yaml alone decides, before any data is read: a folder holding only it is enough
     run_dir = tmp_path / "run"
-    subprocess.run(command(run_dir), check=True, capture_output=True)
-    out = subprocess.run(command(run_dir, "--resume", str(run_dir), "--set", "optim.learning_rate=0.5"),
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "optim.learning_rate" in out.stderr and "Traceback" not in out.stderr
+    sets = [f"run_dir={run_dir}", *SETS]
+    RunFolder(run_dir).create(load_config(ROOT / "yamls" / "smoke.yaml", sets))
+    args = sum((["--set", s] for s in sets), [])
+    code = run_py.main(["--config", str(ROOT / "yamls" / "smoke.yaml"), "--quiet", *args, "--resume", str(run_dir),
+                        "--set", "optim.learning_rate=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "optim.learning_rate" in err and "Traceback" not in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
-def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(tmp_path):
+def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(tmp_path, capsys):
     reference, extended = tmp_path / "reference", tmp_path / "extended"
     subprocess.run(command(reference, "--set", "federated.rounds=6"), check=True, capture_output=True)
     subprocess.run(command(extended, "--set", "federated.rounds=4"), check=True, capture_output=True)
@@ -75,9 +85,8 @@ def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(t
     assert summary["wall_seconds"] >= sum(json.loads(line)["seconds"]
                                           for line in (extended / "metrics.jsonl").read_text().splitlines())
 
-    shrink = subprocess.run(command(extended, "--resume", str(extended), "--set", "federated.rounds=5"),
-                            capture_output=True, text=True)
-    assert shrink.returncode == 2 and "federated.rounds 6 -> 5" in shrink.stderr
+    shrink = command(extended, "--resume", str(extended), "--set", "federated.rounds=5")
+    assert run_py.main(shrink[2:]) == 2 and "federated.rounds 6 -> 5" in capsys.readouterr().err
 
 
 def test_a_run_stopped_by_patience_resumed_unchanged_trains_no_further(tmp_path):
