@@ -57,13 +57,7 @@ def main(argv: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(recs, indent=2) + "\n")
     note(f"{len(recs)} records -> {out}")
-    print(markdown_table(recs))
-    print()
-    print(compute_table(recs))
-    slices = slice_table(recs)
-    if slices:
-        print()
-        print(slices)
+    print(tables(recs))
     if args.plots:
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +71,13 @@ def main(argv: list[str]) -> None:
             note(f"router weights' summary -> {path}")
         else:
             note("router_weights.png skipped: no stage-3 run with a best.pt among the runs given")
+
+
+def tables(recs: list[dict]) -> str:
+    """What `run.py results` prints: the seed table, the compute table and the slice table, from records
+    alone, so a committed table can be checked against its committed records."""
+    parts = [markdown_table(recs), compute_table(recs), slice_table(recs)]
+    return "\n\n".join(part for part in parts if part)
 
 
 def note(text: str) -> None:

@@ -1,0 +1,53 @@
+"""A table published in docs/ is what its command prints from the records committed beside it, and the
+page quotes it unchanged: neither can drift from the data.
+
+Each entry: a committed record, the Markdown the command printed when it wrote it, and the function
+that prints that Markdown from the record alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT
+from recbole_ext.analysis import compare, curves, results
+
+RECORDS = ROOT / "docs" / "results" / "federation-gap"
+PAGE = ROOT / "docs" / "FEDERATION.md"
+
+
+def reprint(record: str) -> str:
+    data = json.loads((RECORDS / record).read_text())
+    if record.endswith("-curves.json"):
+        return curves.table(data)
+    if "-compare-" in record:
+        return compare.markdown(data["rows"], data["run_a"], data["run_b"], data["split"], data["bootstrap"])
+    return results.tables(data)
+
+
+PUBLISHED = sorted(p.name for p in RECORDS.glob("*.json")) if RECORDS.is_dir() else []
+
+
+def test_there_are_published_tables():
+    assert PUBLISHED, f"{RECORDS}: no records"
+
+
+@pytest.mark.parametrize("record", PUBLISHED)
+def test_a_published_table_is_its_records_reprinted_and_quoted_on_its_page(record):
+    printed = (RECORDS / record.replace(".json", ".md")).read_text().strip()
+    assert reprint(record).strip() == printed, f"{record}: the committed table is not what its record prints"
+    page = PAGE.read_text()
+    for table in tables_in(printed):
+        assert table in page, f"{PAGE.name} does not quote this table of {record} unchanged:\n{table}"
+
+
+def tables_in(text: str) -> list[str]:
+    """The Markdown tables of `text`: runs of lines that start with '|'."""
+    blocks, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    return blocks
