@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Amazon rows of docs/RESULTS.md: data and MiniLM text features, then per seed the federated stage 1,
+# The Amazon rows of docs/RESULTS-BEAUTY.md: data and MiniLM text features, then per seed the federated stage 1,
 # the item-content stage 1 (content trained with the IDs from round 1) and a stage 3 on it, the chain
 # with and without the item-content option (stage 1 -> 2 -> 3), the stage-3 memory-off ablation, this
 # project's stage 1 trained centrally, stock RecBole SASRec on the same split, `run.py compare` of each

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every row of docs/RESULTS.md: ML-1M data and features, federated stages 1-3 and the stage-3
+# Every row of docs/RESULTS-ML1M.md: ML-1M data and features, federated stages 1-3 and the stage-3
 # ablations for each seed, this project's stage 1 trained centrally, stock RecBole baselines, and
-# the results file. Hours on 2 CPU cores (docs/RESULTS.md gives each row's time). Rerunning the script
+# the results file. Hours on 2 CPU cores (docs/RESULTS-ML1M.md gives each row's time). Rerunning the script
 # skips finished runs and resumes interrupted ones (and baselines stopped by their time limit), so the
 # table can be filled session by session.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The stock RecBole baselines of docs/RESULTS.md (SASRec and GRU4Rec, centralized, on the stage-1
+# The stock RecBole baselines of docs/RESULTS-ML1M.md (SASRec and GRU4Rec, centralized, on the stage-1
 # split and evaluation) on one CUDA GPU: every (model, seed) at once, each trained for up
 # to EPOCHS epochs with the patience of this project's centralized stage 1 (10 validations), and each
 # cut at MINUTES of training (the summary then says stopped_by "time"; rerunning resumes it). Needs

@@ -10,7 +10,7 @@ server rate (`federated.server_lr_groups`). `federated.server_optimizer` names t
   torch's SGD with momentum.
 * `adam`: FedAdam, torch's Adam (with its bias correction), betas `server_beta1`/`server_beta2` and
   eps = `server_tau`. Reddi et al. ("Adaptive Federated Optimization", ICLR 2021) call eps the
-  adaptivity tau; its scale relative to |Delta_t| decides how adaptive the step is (docs/RESULTS.md).
+  adaptivity tau; its scale relative to |Delta_t| decides how adaptive the step is (docs/FEDERATION.md).
 * `yogi`, `adagrad`: FedYogi and FedAdagrad as that paper's Algorithm 2 writes them (no bias
   correction; v starts at tau^2): m = b1 m + (1 - b1) Delta; v = v + Delta^2 (Adagrad) or
   v = v - (1 - b2) Delta^2 sign(v - Delta^2) (Yogi); x += lr m / (sqrt(v) + tau). torch has no Yogi,
