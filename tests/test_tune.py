@@ -22,7 +22,7 @@ from recbole_ext.config import load_config
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
 from recbole_ext.runs import read_metrics
-from recbole_ext.tune import loss_curve_trials, row_of
+from recbole_ext.analysis.sweep_report import loss_curve_trials, row_of
 
 SMOKE = str(ROOT / "yamls" / "tune_smoke.yaml")
 BACKBONE = "[item_embedding, position_embedding, trm_encoder, LayerNorm]"
