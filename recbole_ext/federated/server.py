@@ -103,9 +103,6 @@ class Server:
         self.optimizer.zero_grad(set_to_none=True)
         return factor
 
-    def epsilon(self, rounds: int) -> float | None:
-        return self.accountant.epsilon(rounds)
-
     def state_dict(self) -> dict:
         # Key names as before the server had a module of its own, so older run states resume.
         return {"server_optimizer": self.optimizer.state_dict(),

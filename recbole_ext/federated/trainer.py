@@ -33,7 +33,7 @@ class FederatedTrainer(RoundTrainer):
         stats["server_lr_factor"] = self.server.apply(update, global_params, index)
         bytes_up = stats.pop("bytes_up")
         if self.server.accountant is not None:
-            stats["epsilon"] = self.server.epsilon(index)
+            stats["epsilon"] = self.server.accountant.epsilon(index)
         return stats, bytes_up
 
     def passes(self, index: int) -> float:
