@@ -26,9 +26,9 @@ declare -A RECIPES=(
   [c512-cos-tau]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.server_tau=1.0e-6 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
   [ml1m-c128-cos]="federated.clients_per_round=128 federated.rounds=472 federated.server_lr=0.002 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=24"
   # ML-1M users hold 3.7 windows each: 64 clients a round is the centralized batch of 256 windows,
-  # 2,831 rounds are its 30 epochs (30 passes)
+  # 2,831 rounds are its 30 epochs (30 passes), 1,416 half of them
   [ml1m-c64-cos]="federated.clients_per_round=64 federated.rounds=2831 federated.server_lr=0.001 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=94"
-  [ml1m-c64-const]="federated.clients_per_round=64 federated.rounds=2831 federated.server_lr=0.001 eval.every=94"
+  [ml1m-c64-cos15]="federated.clients_per_round=64 federated.rounds=1416 federated.server_lr=0.001 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=47"
   [c128-clip]="federated.clients_per_round=128 federated.rounds=500 eval.every=25 optim.clip_grad_norm=5.0"
 )
 for recipe in "$@"; do
