@@ -385,43 +385,61 @@ def targets(ratio_values: dict, records, device: str = "cpu") -> dict:
     return out
 
 
+def shown(value) -> str:
+    """A measured number as the tables show it: three significant figures, whole numbers from 100 on
+    (the machines are too noisy for more); a part that was not measured is blank."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, (int, float)):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
 def markdown(result: dict) -> str:
-    """The tables docs/BENCHMARKS.md shows, from a results file."""
+    """The tables docs/BENCHMARKS.md shows, from a results file: only the parts that run measured."""
     m = result["machine"]
     lines = [f"{m['cores']} cores ({m['cpu']}), torch {m['torch']}, {m['threads']} threads, load average "
              f"{m['load_average_start'][0]} at start, {m['load_average_end'][0]} at end; "
-             f"{'--quick' if result['quick'] else 'full run'}, {result['seconds_total']} s in all", "",
-             "| dataset | stage | clients | sequential s | vectorized s | ray s | centralized batch s | "
-             "vectorized updates/s | vectorized peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{'--quick' if result['quick'] else 'full run'}, {result['seconds_total']} s in all"]
+
+    def table(header: str, rows: list[str]) -> None:
+        if rows:
+            lines.extend(["", header, "|" + "---|" * header.count(" | ") + "---|", *rows])
+
     rounds = [r for r in result["records"] if r["kind"] in ("round", "centralized_batch")]
-    keys = sorted({(r["dataset"], r["stage"], r["clients"]) for r in rounds})
-    for dataset, stage, clients in keys:
+    rows = []
+    for dataset, stage, clients in sorted({(r["dataset"], r["stage"], r["clients"]) for r in rounds}):
         cell = {r.get("backend", "centralized_batch"): r for r in rounds
                 if (r["dataset"], r["stage"], r["clients"]) == (dataset, stage, clients)}
-        get = lambda name, key="seconds": "" if name not in cell else cell[name][key]
-        lines.append(f"| {dataset} | {stage} | {clients} | {get('sequential')} | {get('vectorized')} | {get('ray')} | "
-                     f"{get('centralized_batch')} | {get('vectorized', 'client_updates_per_s')} | "
-                     f"{get('vectorized', 'peak_rss_mib')} |")
-    lines += ["", "| validation | dataset | stage | protocols | seconds |", "|---|---|---|---|---|"]
+        get = lambda name, key="seconds": shown(cell.get(name, {}).get(key))
+        rows.append(f"| {dataset} | {stage} | {clients} | {get('sequential')} | {get('vectorized')} | {get('ray')} | "
+                    f"{get('centralized_batch')} | {get('vectorized', 'client_updates_per_s')} | "
+                    f"{get('vectorized', 'peak_rss_mib')} |")
+    table("| dataset | stage | clients | sequential s | vectorized s | ray s | centralized batch s | "
+          "vectorized updates/s | vectorized peak RSS MiB |", rows)
+    rows = []
     for r in result["records"]:
         if r["kind"] == "validation":
             scaled = f" (scaled from {r['batches_timed']} of {r['batches_per_pass']} batches)" if r.get("scaled_to_pass") else ""
-            lines.append(f"| {r['implementation']} | {r['dataset']} | {r.get('stage', '')} | {r['protocols']} | "
-                         f"{r['seconds']}{scaled} |")
-    lines += ["", "| epoch | dataset | seconds |", "|---|---|---|"]
+            rows.append(f"| {r['implementation']} | {r['dataset']} | {r.get('stage', '')} | {r['protocols']} | "
+                        f"{shown(r['seconds'])}{scaled} |")
+    table("| validation | dataset | stage | protocols | seconds |", rows)
+    rows = []
     for r in result["records"]:
         if r["kind"] == "recbole_epoch":
             scaled = f" (scaled from {r['batches_timed']} of {r['batches_per_epoch']} batches)" if r["scaled_to_epoch"] else ""
-            lines.append(f"| stock RecBole SASRec | {r['dataset']} | {r['seconds']}{scaled} |")
+            rows.append(f"| stock RecBole SASRec | {r['dataset']} | {shown(r['seconds'])}{scaled} |")
         elif r["kind"] == "round" and r["stage"] == 1 and r["clients"] == 256:
-            lines.append(f"| federated epoch-equivalent, stage 1, {r['backend']} | {r['dataset']} | "
-                         f"{r['epoch_equivalent_seconds']} |")
-    lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
-    for key, value in result["ratios"].items():
-        target = result["targets"].get(key, {})
-        lines.append(f"| {key} | {value} | {target.get('target', '')} | {target.get('met', '')} |")
-    peak = result["targets"].get("ml1m_stage3_peak_gib", {})
-    lines.append(f"| ML-1M stage 3 peak GiB | {peak.get('value')} | {peak.get('target')} | {peak.get('met')} |")
+            rows.append(f"| federated epoch-equivalent, stage 1, {r['backend']} | {r['dataset']} | "
+                        f"{shown(r['epoch_equivalent_seconds'])} |")
+    table("| epoch | dataset | seconds |", rows)
+    ratios = {**result["ratios"], "ML-1M stage 3 peak GiB": result["targets"].get("ml1m_stage3_peak_gib", {}).get("value")}
+    targets = {**result["targets"], "ML-1M stage 3 peak GiB": result["targets"].get("ml1m_stage3_peak_gib", {})}
+    table("| ratio | value | target | met |",
+          [f"| {key} | {shown(value)} | {targets.get(key, {}).get('target', '')} | {shown(targets.get(key, {}).get('met'))} |"
+           for key, value in ratios.items() if value is not None])
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 """The vectorized backend's pooled round against its per-client path, on the same clients, in one process.
 
     python benchmarks/pooled_round.py --config yamls/amazon/stage1.yaml --out docs/benchmarks-pooled-round.json
+    python benchmarks/pooled_round.py --table docs/benchmarks-pooled-round.json   # its table, from the file
 
 With the full softmax and one unclipped local SGD step, a round's sum of client updates is one
 backward pass over the clients' pooled positions (`vectorized.pooled_sum_is_exact`); otherwise each
@@ -27,6 +28,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def table(result: dict) -> str:
+    """The table docs/BENCHMARKS.md shows, from a results file."""
+    lines = ["| clients | positions | per-client path | pooled | speedup |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['clients']} | {row['positions']:,} | {row['per_client_s']:.2f} s | "
+                     f"{row['pooled_s']:.2f} s | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "yamls" / "amazon" / "stage1.yaml"))
@@ -34,7 +44,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--table", metavar="FILE.json", help="print the Markdown table of a results file; measure nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
 
     from recbole_ext.config import load_config
     from recbole_ext.federated.server import aggregate

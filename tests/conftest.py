@@ -57,6 +57,18 @@ def round_update(backend, clients, global_params: dict, seed: int) -> tuple[dict
     return aggregate(sums, global_params, seed, backend.settings["federated"])
 
 
+def tables_in(text: str) -> list[str]:
+    """The Markdown tables of `text`: runs of lines that start with '|'."""
+    blocks, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    return blocks
+
+
 def fresh_trainer(stage, initial: dict, folder: Path):
     """A federated trainer of `stage` that starts from the `initial` weights into a new run folder
     (the tests that stop and resume a run build several from one stage)."""
