@@ -33,7 +33,7 @@ demo: data
 	@echo
 	@echo "ML-100K has no images: stages 2 and 3 ran text-only (visual expert masked)."
 	@echo "baseline-pop ranks every item by its training interactions: the floor a model must clear."
-	$(BIN)/python run.py report runs/demo/popularity runs/demo/stage1 runs/demo/stage2 runs/demo/stage3
+	$(BIN)/python run.py report --out runs/demo/report.json runs/demo/popularity runs/demo/stage1 runs/demo/stage2 runs/demo/stage3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,7 +14,7 @@ from recbole_ext import compat
 from recbole_ext.analysis.baseline import Baseline
 from recbole_ext.errors import UserError
 from recbole_ext.pipeline import Stage
-from recbole_ext.analysis.report import table
+from recbole_ext.analysis.report import read_summary, record, table
 from recbole_ext.runs import read_metrics
 from recbole_ext.runs import read_checkpoint
 
@@ -62,7 +62,7 @@ def test_run_folder_has_the_layout_of_our_runs(runs, model):
         assert {"hit@10", "ndcg@10", "mrr@10", "hit@5", "ndcg@20"} <= set(summary[split]["full"])
         assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in all_metrics(summary[split]))
     assert read_checkpoint(f"{run_dir}/best.pt")["meta"]["round"] == summary["best_round"]
-    assert summary["name"] in table([run_dir])
+    assert summary["name"] in table([record(read_summary(run_dir))])
 
 
 @pytest.mark.parametrize("model", EPOCHS)

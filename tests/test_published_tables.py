@@ -10,7 +10,7 @@ import json
 import pytest
 
 from conftest import ROOT, tables_in
-from recbole_ext.analysis import compare, curves, results
+from recbole_ext.analysis import compare, curves, report, results
 
 RECORDS = ROOT / "docs" / "results" / "federation-gap"
 PAGE = ROOT / "docs" / "FEDERATION.md"
@@ -39,3 +39,10 @@ def test_a_published_table_is_its_records_reprinted_and_quoted_on_its_page(recor
     page = tables_in(PAGE.read_text())  # whole tables: a row added by hand fails too
     for table in tables_in(printed):
         assert table in page, f"{PAGE.name} does not quote this table of {record} unchanged:\n{table}"
+
+
+def test_the_readme_demo_table_is_its_record_reprinted():
+    records = json.loads((ROOT / "docs" / "results" / "demo" / "demo.json").read_text())
+    assert [r["name"] for r in records] == ["baseline-pop", "demo-stage1", "demo-stage2", "demo-stage3"]
+    assert report.table(records) in (ROOT / "README.md").read_text(), \
+        "README.md does not quote what `run.py report` prints from docs/results/demo/demo.json"

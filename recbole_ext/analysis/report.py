@@ -32,12 +32,17 @@ def read_summary(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def table(run_dirs: list[str]) -> str:
+def record(summary: dict) -> dict:
+    """What the table shows of one run, and the machine that ran it: a committable record."""
+    keys = ("name", "stage", "test", "trainable_params", "wall_seconds", "machine")
+    return {key: summary.get(key) for key in keys}
+
+
+def table(records: list[dict]) -> str:
     head = ["run", "stage"] + [f"{p} {m}" for p in ("full", "uni100") for m in METRICS.values()]
     head += ["trainable", "wall s"]
     rows = []
-    for run_dir in run_dirs:
-        s = read_summary(run_dir)
+    for s in records:
         stage = "-" if s["stage"] is None else str(s["stage"])  # None: a baseline
         rows.append([s["name"], stage] + [f"{s['test'][p][m]:.4f}" for p in ("full", "uni100") for m in METRICS]
                     + [f"{s['trainable_params']:,}", f"{s['wall_seconds']:.0f}"])
@@ -50,4 +55,10 @@ def table(run_dirs: list[str]) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="run.py report", description="Test metrics of finished runs.")
     parser.add_argument("run_dirs", nargs="+")
-    print(table(parser.parse_args(argv).run_dirs))
+    parser.add_argument("--out", metavar="FILE.json", help="also write the table's records (what README's demo "
+                                                           "table is printed from)")
+    args = parser.parse_args(argv)
+    records = [record(read_summary(run_dir)) for run_dir in args.run_dirs]
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
+    print(table(records))
