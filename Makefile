@@ -1,10 +1,11 @@
 # make demo   - environment, ML-100K data and text features, stages 1-3 federated, popularity, one results table
 # make test   - environment (if missing), then the test suite
+# make flower - add the optional Flower install (federated.backend: flower; CI installs it)
 PYTHON ?= python3
 BIN := .venv/bin
 STAMP := .venv/.installed
 
-.PHONY: demo test venv data
+.PHONY: demo test venv data flower
 
 venv: $(STAMP)
 
@@ -16,6 +17,12 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	touch $(STAMP)
+
+flower: .venv/.flower-installed
+
+.venv/.flower-installed: requirements-flower.txt $(STAMP)
+	$(BIN)/pip install -q -r requirements-flower.txt
+	touch $@
 
 data/ml-100k/ml-100k.inter: | $(STAMP)
 	$(BIN)/python run.py prepare ml100k --out data --overwrite

@@ -52,9 +52,16 @@ def run_stage(argv: list[str]) -> None:
         check_resumable(cfg)
     else:
         check_fresh(cfg["run_dir"], args.overwrite)
-    stage = Stage(cfg, args.config)
-    print(stage.describe(), flush=True)
-    summary = stage.run(show_progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
+    if cfg["trainer"] == "federated" and cfg["federated"]["backend"] == "flower":
+        from recbole_ext.federated.flower.deploy import run_stage as run_deployed
+        from recbole_ext.analysis.report import read_summary
+
+        run_deployed(cfg, args.config, bool(args.resume), args.overwrite, show_progress=not args.quiet)
+        summary = read_summary(cfg["run_dir"])
+    else:
+        stage = Stage(cfg, args.config)
+        print(stage.describe(), flush=True)
+        summary = stage.run(show_progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     print(format_summary(summary))
     print(f"run folder: {cfg['run_dir']}")
 

@@ -13,6 +13,7 @@ rounding for the same seed when dropout is off (tests/test_backends.py).
   takes its gradient in parts.
 * `vectorized` (vectorized.py): cohorts of clients at once with torch.func (stacked parameters).
 * `ray` (ray_backend.py): Ray actors, each running `vectorized` on a shard of the round's clients.
+* `flower` (flower/): Flower SuperNodes, each running `vectorized` on the round's clients it holds.
 """
 from __future__ import annotations
 
@@ -78,4 +79,9 @@ def _ray(model, windows, settings):
     return RayBackend(model, windows, settings)
 
 
-BACKENDS = {"sequential": SequentialBackend, "vectorized": _vectorized, "ray": _ray}
+def _flower(model, windows, settings):
+    from .flower.backend import FlowerBackend  # imports flwr (an optional install)
+    return FlowerBackend(model, windows, settings)
+
+
+BACKENDS = {"sequential": SequentialBackend, "vectorized": _vectorized, "ray": _ray, "flower": _flower}

@@ -1,0 +1,58 @@
+"""The ClientApp: what runs on a SuperNode. Flower starts a fresh process for every message, so each
+train message rebuilds the node's model from the run's resolved config (in the message) and trains
+the node's clients with the `vectorized` backend; the node answers only for the partition it holds
+(its `--node-config "partition-id=P num-partitions=N"`)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..ray_backend import actor_seed
+from . import records
+
+app = ClientApp()
+
+
+def held_partition(context: Context) -> tuple[int, int]:
+    config = context.node_config
+    missing = [key for key in ("partition-id", "num-partitions") if key not in config]
+    if missing:
+        raise ValueError(f"this SuperNode was started without {' and '.join(missing)} in --node-config")
+    return int(config["partition-id"]), int(config["num-partitions"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    partition, partitions = held_partition(context)
+    info = ConfigRecord({"partition": partition, "partitions": partitions})
+    return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from ...pipeline import Stage
+    from ..vectorized import VectorizedBackend
+
+    partition, partitions = held_partition(context)
+    params, round_ = records.read_request(msg.content)
+    if int(round_["partition"]) != partition:
+        raise ValueError(f"sent the clients of partition {round_['partition']}, but this node holds {partition}")
+    clients = np.asarray(round_["clients"], dtype=np.int64)
+    strangers = clients[records.partition_of(clients, partitions) != partition]
+    if len(strangers):
+        raise ValueError(f"asked to train users {strangers[:5].tolist()}, who are not in partition {partition}")
+    cfg = yaml.safe_load(round_["config"])
+    torch.set_num_threads(1)  # the machine's cores are shared by the nodes
+    stage = Stage(cfg, f"the run's config on node {partition}")
+    # Dropout draws from the process's generator, which this fresh process seeds from the round and
+    # the partition: every round and node draws anew, and a resumed run draws what it drew before.
+    torch.manual_seed(actor_seed(int(round_["round_seed"]), partition))
+    backend = VectorizedBackend(stage.model, stage.windows, cfg)
+    device = stage.windows.device
+    sums = backend.train_clients(clients, {name: value.to(device) for name, value in params.items()},
+                                 int(round_["round_seed"]),
+                                 round_clients=np.asarray(round_["round_clients"], dtype=np.int64))
+    return Message(records.sums_reply(sums), reply_to=msg)
