@@ -100,6 +100,8 @@ class FlowerBackend:
             raise UserError("a round's nodes did not all answer: " + "; ".join(
                 failed + ([f"{missing} gave no reply within {self.timeout:.0f} s"] if missing else [])))
         sums = Uploads(self.settings).zeros(global_params)
-        for reply in replies:
+        # in partition order, not arrival order: the same sum to the bit, run after run and on resume
+        partition_of_node = {node: partition for partition, node in self.nodes.items()}
+        for reply in sorted(replies, key=lambda r: partition_of_node[r.metadata.src_node_id]):
             sums.merge(records.read_sums(reply.content, self.device))
         return sums

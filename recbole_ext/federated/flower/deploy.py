@@ -8,6 +8,7 @@ writes, and stops what it started, also when the run fails or is interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 from tqdm import tqdm
 
 from ...config import dump
@@ -164,16 +166,27 @@ class Deployment:
         return answer.stdout + answer.stderr
 
     def stop(self) -> None:
-        # SuperNodes first: a SuperNode that gets SIGTERM leaves the SuperLink at once.
-        for name, process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+        # Every process this command started and everything they started: the SuperLink launches the
+        # ServerApp through a process in a session of its own, and a ServerApp whose SuperLink is gone
+        # lives on, still writing the run folder. SuperNodes first: one that gets SIGTERM leaves the
+        # SuperLink at once.
+        tree = []
         for name, process in reversed(self.processes):
             try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                root = psutil.Process(process.pid)
+                tree += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for name, process in self.processes:
+            process.wait()
         self.processes = []
 
 
@@ -192,6 +205,8 @@ def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progres
     config_file = work / "stage.yaml"
     config_file.write_text(dump(cfg))
     failed = True
+    # a plain `kill` must stop the processes this command started too, not orphan them
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with Deployment(flower, work) as deployment:
             run_id = deployment.submit({"config-file": str(config_file), "where": where, "resume": resume,
@@ -210,5 +225,10 @@ def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progres
                                 f"the processes' logs are in {work}")
         failed = False
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not failed:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
