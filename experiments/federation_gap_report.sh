@@ -1,41 +1,60 @@
 #!/usr/bin/env bash
 # The records and tables of docs/FEDERATION.md from the runs of experiments/federation_gap.sh:
-# curves (validation against passes and wall time), test records per recipe, and the paired
-# comparisons of each recipe with its centralized twin (test, all users, 10,000 resamples, targets
-# sliced at 10 training interactions). Unfinished runs contribute their curves only.
-#   experiments/federation_gap_report.sh                (OUT=runs/gap, writes docs/results/federation-gap/)
+# curves (validation against passes and wall time), test records per recipe (finished seeds), and
+# the paired comparisons of each finished seed with the centralized twin of the same seed (test, all
+# users, 10,000 resamples, targets sliced at 10 training interactions). Unfinished runs contribute
+# their curves only; a dataset without runs under OUT keeps its committed records.
+#   experiments/federation_gap_report.sh [amazon] [ml1m]   (OUT=runs/gap, writes docs/results/federation-gap/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/gap}
 D=docs/results/federation-gap
-RECIPES=${RECIPES:-c256-cos c256-cos-lr2}
 mkdir -p "$D"
-B=$OUT/amazon
-existing() { for d in "$@"; do [ -d "$d" ] && echo "$d"; done; }
+existing() { for d in "$@"; do if [ -d "$d" ]; then echo "$d"; fi; done; }
+finished() { for d in "$@"; do if [ -f "$d/summary.json" ]; then echo "$d"; fi; done; }
 
-runs=("$B/seed2020/centralized" "$B/seed2020/c512-cos")
-for recipe in $RECIPES; do runs+=("$B"/seed202?/"$recipe"); done
-"$PY" run.py curves $(existing "${runs[@]}") --out "$D/beauty-curves.png" --json "$D/beauty-curves.json" \
-    > "$D/beauty-curves.md"
-"$PY" run.py results "$B/seed2020/centralized" --out "$D/beauty-centralized.json" > "$D/beauty-centralized.md"
-for recipe in $RECIPES; do
-  finished=(); for d in "$B"/seed202?/"$recipe"; do [ -f "$d/summary.json" ] && finished+=("$d"); done
-  [ ${#finished[@]} -gt 0 ] || continue
-  "$PY" run.py results "${finished[@]}" --out "$D/beauty-$recipe.json" > "$D/beauty-$recipe.md"
-  for d in "${finished[@]}"; do
-    seed=$(basename "$(dirname "$d")")
-    "$PY" run.py compare "$B/$seed/centralized" "$d" --item-count-bins 10 \
-        --json "$D/beauty-compare-$recipe-$seed.json" > "$D/beauty-compare-$recipe-$seed.md" 2>/dev/null \
-      || rm -f "$D/beauty-compare-$recipe-$seed.json" "$D/beauty-compare-$recipe-$seed.md"  # no twin of that seed
+# records PREFIX BASE RECIPE...: results of the centralized twins and of each recipe, and each
+# finished seed of a recipe paired with its twin
+records() {
+  local prefix=$1 base=$2; shift 2
+  local twins; twins=$(finished "$base"/seed202?/centralized)
+  [ -z "$twins" ] || "$PY" run.py results $twins --out "$D/$prefix-centralized.json" > "$D/$prefix-centralized.md"
+  for recipe in "$@"; do
+    local runs; runs=$(finished "$base"/seed202?/"$recipe")
+    [ -n "$runs" ] || continue
+    local name=${recipe#"$prefix"-}  # ml1m-c64-cos: ml1m-c64-cos.json, not ml1m-ml1m-c64-cos.json
+    "$PY" run.py results $runs --out "$D/$prefix-$name.json" > "$D/$prefix-$name.md"
+    for d in $runs; do
+      local seed; seed=$(basename "$(dirname "$d")")
+      [ -f "$base/$seed/centralized/summary.json" ] || continue  # no twin of that seed (yet)
+      "$PY" run.py compare "$base/$seed/centralized" "$d" --item-count-bins 10 \
+          --json "$D/$prefix-compare-$name-$seed.json" > "$D/$prefix-compare-$name-$seed.md"
+    done
   done
-done
+}
 
-M=$OUT/ml1m/seed2020/ml1m-c128-cos
-if [ -d "$M" ]; then
-  "$PY" run.py curves "$M" --out "$D/ml1m-curves.png" --json "$D/ml1m-curves.json" > "$D/ml1m-curves.md"
-  if [ -f "$M/summary.json" ]; then
-    "$PY" run.py results "$M" --out "$D/ml1m-c128-cos.json" > "$D/ml1m-c128-cos.md"
-  fi
-fi
+amazon() {
+  local B=$OUT/amazon recipes=(${RECIPES:-c256-cos c256-cos-lr2})
+  local runs=("$B/seed2020/centralized" "$B/seed2020/c512-cos")
+  for recipe in "${recipes[@]}"; do runs+=("$B"/seed202?/"$recipe"); done
+  "$PY" run.py curves $(existing "${runs[@]}") --out "$D/beauty-curves.png" --json "$D/beauty-curves.json" \
+      > "$D/beauty-curves.md"
+  records beauty "$B" "${recipes[@]}"
+}
+
+# ml1m-curves.* keep the first recipe tried (ml1m-c128-cos, stopped at 3 passes); ml1m-c64-curves.*
+# are the 64-client recipes beside their centralized twins
+ml1m() {
+  local B=$OUT/ml1m
+  "$PY" run.py curves $(existing "$B"/seed202?/centralized "$B"/seed202?/ml1m-c64-cos "$B"/seed202?/ml1m-c64-cos15) \
+      --out "$D/ml1m-c64-curves.png" --json "$D/ml1m-c64-curves.json" > "$D/ml1m-c64-curves.md"
+  records ml1m "$B" ml1m-c64-cos ml1m-c64-cos15
+}
+
+[ $# -gt 0 ] || set -- amazon ml1m
+for dataset in "$@"; do
+  case $dataset in amazon|ml1m) ;; *) echo "unknown dataset $dataset (amazon or ml1m)" >&2; exit 2;; esac
+  if [ -d "$OUT/$dataset" ]; then "$dataset"; else echo "no runs in $OUT/$dataset: its records stay as they are" >&2; fi
+done
 ls -l "$D"
