@@ -21,7 +21,7 @@ from conftest import ROOT  # noqa: E402
 from recbole_ext.errors import UserError  # noqa: E402
 from recbole_ext.federated.aggregate import RoundSums  # noqa: E402
 from recbole_ext.federated.flower import records  # noqa: E402
-from recbole_ext.federated.flower.backend import FlowerBackend  # noqa: E402
+from recbole_ext.federated.flower.backend import FlowerBackend, merge_checked  # noqa: E402
 from recbole_ext.federated.flower.deploy import free_port  # noqa: E402
 
 NO_DROPOUT = ["--set", "model.hidden_dropout_prob=0.0", "--set", "model.attn_dropout_prob=0.0"]
@@ -45,6 +45,38 @@ def test_a_nodes_sums_arrive_as_they_left(modulus):
         assert torch.equal(back.update[name], value) and back.update[name].dtype == value.dtype
     assert torch.equal(back.stats["gate"], sums.stats["gate"]) and float(back.stats["loss"]) == 2.5
     assert (back.weight, back.clients, back.bytes_up, back.modulus) == (7.0, 3, 1234, modulus)
+
+
+def node_sums(shift: float, clients: int = 2, **changes) -> RoundSums:
+    update = {"item_embedding.weight": torch.full((4, 3), shift), "LayerNorm.bias": torch.full((3,), shift)}
+    update.update(changes)
+    return RoundSums(update, {"loss": torch.tensor(shift)}, float(clients), clients, 100)
+
+
+GLOBAL = {"item_embedding.weight": torch.zeros(4, 3), "LayerNorm.bias": torch.zeros(3)}
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (node_sums(5.0, **{"LayerNorm.bias": torch.zeros(4)}), "LayerNorm.bias has shape (4,), not (3,)"),
+    (node_sums(5.0, **{"item_embedding.weight": torch.full((4, 3), float("nan"))}), "non-finite"),
+    (node_sums(5.0, **{"extra.weight": torch.zeros(1)}), "do not match"),
+    (RoundSums(dict(GLOBAL), {"loss": torch.tensor(float("inf"))}, 2.0, 2, 100), "loss statistic is not finite"),
+])
+def test_a_nodes_unusable_answer_is_dropped_and_the_round_goes_on_without_it(bad, reason):
+    answers = [(0, 11, node_sums(1.0)), (1, 12, bad), (2, 13, node_sums(2.0, clients=3))]
+    total, dropped = merge_checked(answers, GLOBAL, RoundSums.zeros(GLOBAL))
+    assert [(d["partition"], d["node"]) for d in dropped] == [(1, 12)] and reason in dropped[0]["reason"]
+    assert (total.weight, total.clients) == (5.0, 5)
+    assert torch.equal(total.update["item_embedding.weight"], torch.full((4, 3), 3.0))
+
+
+def test_dropping_a_node_is_refused_under_secure_aggregation_and_when_none_is_left():
+    masked = RoundSums({n: torch.zeros_like(v, dtype=torch.int64) for n, v in GLOBAL.items()}, modulus=2 ** 40)
+    bad = RoundSums({n: torch.zeros(1, dtype=torch.int64) for n in GLOBAL}, {}, 1.0, 1, 8, 2 ** 40)
+    with pytest.raises(UserError, match=r"node 12 \(partition 1\).*masks do not cancel"):
+        merge_checked([(1, 12, bad)], GLOBAL, masked)
+    with pytest.raises(UserError, match="no node's update was usable"):
+        merge_checked([(0, 11, node_sums(float("nan")))], GLOBAL, RoundSums.zeros(GLOBAL))
 
 
 def test_users_are_dealt_to_the_nodes_round_robin():
@@ -95,6 +127,9 @@ def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tm
     assert [r["round"] for r in logs[1]] == [r["round"] for r in logs[0]] == [1, 2, 3]
     for theirs, mine in zip(*logs):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert mine["dropped_nodes"] == [] and "dropped_nodes" not in theirs
+        # down: at least one node's float32 copy of the trainable parameters
+        assert mine["wire_bytes"]["down"] > 4 * mine["trainable_params"] and mine["wire_bytes"]["up"] > 0
     assert "run folder:" in resumed.stdout
 
 

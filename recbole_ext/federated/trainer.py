@@ -4,6 +4,8 @@ model with its strategy (strategies.py). Under `federated.dp` every round's metr
 user-level epsilon spent so far."""
 from __future__ import annotations
 
+import sys
+
 from ..training import RoundTrainer
 from .backends import BACKENDS
 from ..local.steps import round_seed
@@ -29,6 +31,11 @@ class FederatedTrainer(RoundTrainer):
         seed = round_seed(self.settings["seed"], index)
         sums = self.backend.train_clients(clients, global_params, seed, show_progress)
         update, stats = self.server.aggregate(sums, global_params, seed)
+        if hasattr(self.backend, "round_extra"):  # a deployed backend: bytes on the wire, dropped nodes
+            stats["backend"] = self.backend.round_extra()
+            for drop in stats["backend"]["dropped_nodes"]:
+                print(f"round {index}: dropped the answer of node {drop['node']} (partition {drop['partition']}, "
+                      f"{drop['clients']} clients): {drop['reason']}", file=sys.stderr, flush=True)
         stats["update_abs"] = update_magnitudes(update)
         stats["server_lr_factor"] = self.server.apply(update, global_params, index)
         bytes_up = stats.pop("bytes_up")
@@ -42,6 +49,7 @@ class FederatedTrainer(RoundTrainer):
     def unit_record(self, stats: dict) -> dict:
         record = super().unit_record(stats)
         record.update(update_abs=stats["update_abs"], server_lr_factor=stats["server_lr_factor"])
+        record.update(stats.get("backend", {}))
         if self.server.accountant is not None:
             record.update(epsilon=stats["epsilon"], delta=self.server.accountant.delta)
         return record

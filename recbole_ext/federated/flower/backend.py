@@ -10,7 +10,9 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.serde import recorddict_to_proto
 
 from ...config import dump
 from ...errors import UserError
@@ -68,7 +70,16 @@ def node_partitions(grid, nodes: int, timeout: float) -> dict[int, int]:
     return owners
 
 
+def serialized_size(message: Message) -> int:
+    """Bytes of a message's content as Flower serializes it for the wire (its protobuf; the HTTP
+    framing and the message's metadata are not counted)."""
+    return recorddict_to_proto(message.content).ByteSize()
+
+
 class FlowerBackend:
+    """The nodes' sums of a round, merged; a node whose answer is malformed or non-finite is dropped
+    (named in the run's log and in metrics.jsonl's `dropped_nodes`) and the round goes on without it."""
+
     def __init__(self, model, windows, settings: dict):
         if _GRID is None:
             raise UserError("federated.backend: flower runs inside a Flower ServerApp; start it with run.py, "
@@ -78,6 +89,9 @@ class FlowerBackend:
         self.timeout = flower["round_timeout"]
         self.nodes = node_partitions(self.grid, flower["nodes"], self.timeout)
         self.config_text = dump(settings)
+        # the last round's message bytes {"down", "up"} and the nodes whose answers were dropped, for
+        # its metrics line (`round_extra`)
+        self.wire_bytes, self.dropped = None, []
 
     def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
                       round_clients=None):
@@ -94,14 +108,59 @@ class FlowerBackend:
                                                 self.config_text)
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = exchange(self.grid, messages, self.timeout)
+        self.wire_bytes = {"down": sum(serialized_size(m) for m in messages),
+                           "up": sum(serialized_size(r) for r in replies)}
         failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
         if failed or len(replies) < len(messages):
             missing = len(messages) - len(replies)
             raise UserError("a round's nodes did not all answer: " + "; ".join(
                 failed + ([f"{missing} gave no reply within {self.timeout:.0f} s"] if missing else [])))
-        sums = Uploads(self.settings).zeros(global_params)
-        # in partition order, not arrival order: the same sum to the bit, run after run and on resume
         partition_of_node = {node: partition for partition, node in self.nodes.items()}
-        for reply in sorted(replies, key=lambda r: partition_of_node[r.metadata.src_node_id]):
-            sums.merge(records.read_sums(reply.content, self.device))
+        # in partition order, not arrival order: the same sum to the bit, run after run and on resume
+        answers = [(partition_of_node[r.metadata.src_node_id], r.metadata.src_node_id,
+                    records.read_sums(r.content, self.device)) for r in replies]
+        sums, self.dropped = merge_checked(sorted(answers, key=lambda a: a[0]), global_params,
+                                           Uploads(self.settings).zeros(global_params))
         return sums
+
+    def round_extra(self) -> dict:
+        return {"wire_bytes": self.wire_bytes, "dropped_nodes": self.dropped}
+
+
+def problem(sums, global_params: dict) -> str | None:
+    """Why a node's sums cannot be added to the round's (None: they can)."""
+    if sums.update.keys() != global_params.keys():
+        odd = sorted(set(sums.update) ^ set(global_params))
+        return f"its update names parameters {odd[:3]} that the model's trainable ones do not match"
+    for name, value in sums.update.items():
+        if value.shape != global_params[name].shape:
+            return f"{name} has shape {tuple(value.shape)}, not {tuple(global_params[name].shape)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{name} holds non-finite values"
+    for key, value in sums.stats.items():
+        if not bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all()):
+            return f"its {key} statistic is not finite"
+    if not (sums.weight > 0 and sums.clients > 0):
+        return f"it reports weight {sums.weight} over {sums.clients} clients"
+    return None
+
+
+def merge_checked(answers: list, global_params: dict, total):
+    """Add each (partition, node id, RoundSums) answer to `total` unless `problem` finds one; return
+    (total, the dropped answers as {"partition", "node", "clients", "reason"}). Dropping is refused
+    under secure aggregation (the dropped node's masks would not cancel) and when nothing is left."""
+    dropped = []
+    for partition, node, sums in answers:
+        reason = problem(sums, global_params)
+        if reason is None and (sums.modulus is None) != (total.modulus is None):
+            reason = "it answered with masked sums in a run without secure aggregation, or the reverse"
+        if reason is None:
+            total.merge(sums)
+        else:
+            dropped.append({"partition": partition, "node": node, "clients": int(sums.clients), "reason": reason})
+    if dropped and (total.modulus is not None or total.clients == 0):
+        why = "under secure aggregation the others' masks do not cancel without it" if total.modulus is not None \
+            else "no node's update was usable"
+        raise UserError("the round cannot go on: " + "; ".join(
+            f"node {d['node']} (partition {d['partition']}): {d['reason']}" for d in dropped) + f" ({why})")
+    return total, dropped
