@@ -17,6 +17,7 @@ PRINTERS = {
     "benchmarks-cpu-ml1m.json": ("federated_round", "markdown"),
     "benchmarks-gpu.json": ("federated_round", "markdown"),
     "benchmarks-pooled-round.json": ("pooled_round", "table"),
+    "benchmarks-flower.json": ("flower_round", "table"),
 }
 # The page quotes these in its prose, in no table.
 PROSE_ONLY = {"benchmarks-client-memory.json", "soak-cpu.json"}

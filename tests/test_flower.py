@@ -3,12 +3,14 @@ loopback processes this test starts and stops through run.py. Skipped without th
 (`make flower`; CI has it)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,12 +19,12 @@ import torch
 
 pytest.importorskip("flwr")
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, recbole_example_dir  # noqa: E402
 from recbole_ext.errors import UserError  # noqa: E402
 from recbole_ext.federated.aggregate import RoundSums  # noqa: E402
 from recbole_ext.federated.flower import records  # noqa: E402
 from recbole_ext.federated.flower.backend import FlowerBackend, merge_checked  # noqa: E402
-from recbole_ext.federated.flower.deploy import free_port  # noqa: E402
+from recbole_ext.federated.flower.deploy import flower_env, free_port, tool  # noqa: E402
 
 NO_DROPOUT = ["--set", "model.hidden_dropout_prob=0.0", "--set", "model.attn_dropout_prob=0.0"]
 
@@ -77,6 +79,18 @@ def test_dropping_a_node_is_refused_under_secure_aggregation_and_when_none_is_le
         merge_checked([(1, 12, bad)], GLOBAL, masked)
     with pytest.raises(UserError, match="no node's update was usable"):
         merge_checked([(0, 11, node_sums(float("nan")))], GLOBAL, RoundSums.zeros(GLOBAL))
+
+
+def test_a_node_with_other_data_is_told_apart_by_its_summary():
+    from types import SimpleNamespace
+
+    ours = records.data_summary(SimpleNamespace(num_targets=np.array([0, 3, 5, 2]), n_items=100))
+    assert ours["items"] == 100 and ours["users"] == 4 and ours["positions"] == 10
+    assert records.data_mismatch(dict(ours), ours) is None
+    for other in ([0, 3, 5, 2], 90), ([0, 5, 3, 2], 100), ([0, 3, 5], 100):
+        theirs = records.data_summary(SimpleNamespace(num_targets=np.array(other[0]), n_items=other[1]))
+        said = records.data_mismatch(theirs, ours)
+        assert said and f"digest {theirs['digest']}" in said and f"digest {ours['digest']}" in said
 
 
 def test_users_are_dealt_to_the_nodes_round_robin():
@@ -142,3 +156,43 @@ def test_an_unreachable_superlink_is_a_clear_error_that_writes_nothing(tmp_path)
     assert address in result.stderr and "SuperLink" in result.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path):
+    """A SuperLink and two SuperNodes started as an operator would (docs/DEPLOY.md), node 1 reading
+    its data from a folder where one user has fewer interactions: the run is refused before its first
+    round, naming that node's partition."""
+    other = tmp_path / "other-data" / "ml-100k"
+    other.mkdir(parents=True)
+    lines = (Path(recbole_example_dir()) / "ml-100k" / "ml-100k.inter").read_text().splitlines()
+    first_user = lines[1].split("\t")[0]
+    dropped = next(i for i, line in enumerate(lines[1:], 1) if line.split("\t")[0] == first_user)
+    (other / "ml-100k.inter").write_text("\n".join(lines[:dropped] + lines[dropped + 1:]) + "\n")
+    env = flower_env(tmp_path / "home", threads=1)
+    port = free_port()
+    processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for index, data in ((0, None), (1, tmp_path / "other-data")):
+            node_config = f"partition-id={index} num-partitions=2" + (f' data-path="{data}"' if data else "")
+            processes.append(subprocess.Popen(
+                [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                 "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        result = run_py("--config", "yamls/smoke.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set",
+                        "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
+                        "--set", "federated.flower.nodes=2", "--set", "federated.flower.start_timeout=120.0", timeout=400)
+    finally:
+        tree = [psutil.Process(p.pid) for p in processes]
+        tree += [child for member in tree for child in member.children(recursive=True)]  # the ServerApp too
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.terminate()
+        psutil.wait_procs(tree, timeout=30)
+        for process in processes:
+            process.wait(10)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "(partition 1) does not hold the run's data" in result.stderr
+    assert "(partition 0)" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -45,25 +45,31 @@ def exchange(grid, messages: list, timeout: float) -> list:
     return replies
 
 
-def node_partitions(grid, nodes: int, timeout: float) -> dict[int, int]:
+def node_partitions(grid, nodes: int, timeout: float, config_text: str, data: dict,
+                    join_timeout: float) -> dict[int, int]:
     """{partition id: node id} of the run's `nodes` SuperNodes. The server cannot read a node's
-    node_config, so it asks each node which partition it holds."""
-    deadline = time.monotonic() + timeout
+    node_config, so it asks each node which partition it holds, and what data the run's config
+    (`config_text`) loads there, which must be `data` (records.data_summary)."""
+    deadline = time.monotonic() + join_timeout
     while len(node_ids := sorted(grid.get_node_ids())) < nodes:
         if time.monotonic() > deadline:
             raise UserError(f"federated.flower.nodes is {nodes}, but {len(node_ids)} SuperNode(s) joined the "
-                            f"SuperLink within {timeout:.0f} s")
+                            f"SuperLink within {join_timeout:.0f} s (federated.flower.start_timeout)")
         time.sleep(POLL_SECONDS)
-    asks = [Message(RecordDict({"ask": ConfigRecord({"what": "partition"})}), dst_node_id=node,
+    asks = [Message(RecordDict({"ask": ConfigRecord({"config": config_text})}), dst_node_id=node,
                     message_type=MessageType.QUERY) for node in node_ids]
     owners = {}
     for reply in exchange(grid, asks, timeout):
         if reply.has_error():
-            raise UserError(f"SuperNode {reply.metadata.src_node_id} did not say its partition: {reply.error.reason}")
+            raise UserError(f"SuperNode {reply.metadata.src_node_id} could not load the run's data or say its partition: {reply.error.reason}")
         info = reply.content.config_records["node"]
         if int(info["partitions"]) != nodes:
             raise UserError(f"SuperNode {reply.metadata.src_node_id} holds partition {info['partition']} of "
                             f"{info['partitions']}, but the run has {nodes} nodes")
+        mismatch = records.data_mismatch({key: info[key] for key in data}, data)
+        if mismatch:
+            raise UserError(f"SuperNode {reply.metadata.src_node_id} (partition {info['partition']}) does not hold "
+                            f"the run's data: {mismatch}")
         owners[int(info["partition"])] = reply.metadata.src_node_id
     if sorted(owners) != list(range(nodes)):
         raise UserError(f"the SuperNodes hold partitions {sorted(owners)}, not 0 to {nodes - 1}")
@@ -87,8 +93,9 @@ class FlowerBackend:
         self.grid, self.settings, self.device = _GRID, settings, windows.device
         flower = settings["federated"]["flower"]
         self.timeout = flower["round_timeout"]
-        self.nodes = node_partitions(self.grid, flower["nodes"], self.timeout)
         self.config_text = dump(settings)
+        self.nodes = node_partitions(self.grid, flower["nodes"], self.timeout, self.config_text,
+                                     records.data_summary(windows), flower["start_timeout"])
         # the last round's message bytes {"down", "up"} and the nodes whose answers were dropped, for
         # its metrics line (`round_extra`)
         self.wire_bytes, self.dropped = None, []

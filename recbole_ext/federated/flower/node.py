@@ -1,7 +1,9 @@
 """The ClientApp: what runs on a SuperNode. Flower starts a fresh process for every message, so each
 train message rebuilds the node's model from the run's resolved config (in the message) and trains
 the node's clients with the `vectorized` backend; the node answers only for the partition it holds
-(its `--node-config "partition-id=P num-partitions=N"`)."""
+(its `--node-config "partition-id=P num-partitions=N"`). A node may keep the data elsewhere than the
+server (`data-path=FOLDER` in its node config replaces the config's `data.path` there); the server
+checks at the start that it loads the same data."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,16 +26,29 @@ def held_partition(context: Context) -> tuple[int, int]:
     return int(config["partition-id"]), int(config["num-partitions"])
 
 
+def node_stage(config_text: str, context: Context, partition: int):
+    """The stage of the run's config as this node loads it (from its own `data-path`, if it has one)."""
+    from ...pipeline import Stage
+
+    cfg = yaml.safe_load(config_text)
+    if "data-path" in context.node_config:
+        cfg["data"]["path"] = str(context.node_config["data-path"])
+    torch.set_num_threads(1)  # the machine's cores are shared by the nodes
+    return cfg, Stage(cfg, f"the run's config on node {partition}")
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    """The partition this node holds, and a summary of the data it loads for the run's config (the
+    server refuses a node whose data is not the run's before the first round)."""
     partition, partitions = held_partition(context)
-    info = ConfigRecord({"partition": partition, "partitions": partitions})
+    _, stage = node_stage(msg.content.config_records["ask"]["config"], context, partition)
+    info = ConfigRecord({"partition": partition, "partitions": partitions, **records.data_summary(stage.windows)})
     return Message(RecordDict({"node": info}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from ...pipeline import Stage
     from ..vectorized import VectorizedBackend
 
     partition, partitions = held_partition(context)
@@ -44,9 +59,7 @@ def train(msg: Message, context: Context) -> Message:
     strangers = clients[records.partition_of(clients, partitions) != partition]
     if len(strangers):
         raise ValueError(f"asked to train users {strangers[:5].tolist()}, who are not in partition {partition}")
-    cfg = yaml.safe_load(round_["config"])
-    torch.set_num_threads(1)  # the machine's cores are shared by the nodes
-    stage = Stage(cfg, f"the run's config on node {partition}")
+    cfg, stage = node_stage(round_["config"], context, partition)
     # Dropout draws from the process's generator, which this fresh process seeds from the round and
     # the partition: every round and node draws anew, and a resumed run draws what it drew before.
     torch.manual_seed(actor_seed(int(round_["round_seed"]), partition))
