@@ -61,7 +61,8 @@ def node_partitions(grid, nodes: int, timeout: float, config_text: str, data: di
     owners = {}
     for reply in exchange(grid, asks, timeout):
         if reply.has_error():
-            raise UserError(f"SuperNode {reply.metadata.src_node_id} could not load the run's data or say its partition: {reply.error.reason}")
+            raise UserError(f"SuperNode {reply.metadata.src_node_id} could not load the run's data or say its "
+                            f"partition: {reply.error.reason}")
         info = reply.content.config_records["node"]
         if int(info["partitions"]) != nodes:
             raise UserError(f"SuperNode {reply.metadata.src_node_id} holds partition {info['partition']} of "
@@ -115,13 +116,13 @@ class FlowerBackend:
                                                 self.config_text)
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = exchange(self.grid, messages, self.timeout)
-        self.wire_bytes = {"down": sum(serialized_size(m) for m in messages),
-                           "up": sum(serialized_size(r) for r in replies)}
         failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
         if failed or len(replies) < len(messages):
             missing = len(messages) - len(replies)
             raise UserError("a round's nodes did not all answer: " + "; ".join(
                 failed + ([f"{missing} gave no reply within {self.timeout:.0f} s"] if missing else [])))
+        self.wire_bytes = {"down": sum(serialized_size(m) for m in messages),
+                           "up": sum(serialized_size(r) for r in replies)}
         partition_of_node = {node: partition for partition, node in self.nodes.items()}
         # in partition order, not arrival order: the same sum to the bit, run after run and on resume
         answers = [(partition_of_node[r.metadata.src_node_id], r.metadata.src_node_id,
