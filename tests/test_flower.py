@@ -27,6 +27,7 @@ from recbole_ext.federated.flower.backend import FlowerBackend, merge_checked  #
 from recbole_ext.federated.flower.deploy import flower_env, free_port, tool  # noqa: E402
 
 NO_DROPOUT = ["--set", "model.hidden_dropout_prob=0.0", "--set", "model.attn_dropout_prob=0.0"]
+SMOKE = ["--config", "yamls/smoke.yaml", "--set", f"data.path={recbole_example_dir()}"]  # ML-100K in RecBole's package
 
 
 def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -109,11 +110,11 @@ def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tm
     process the command started is gone after the interrupt, and the resumed run ends with the
     vectorized backend's global parameters to 1e-5 (each node's clients are summed apart) and its
     per-round losses."""
-    vectorized = run_py("--config", "yamls/smoke.yaml", "--set", f"run_dir={tmp_path / 'vectorized'}",
+    vectorized = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'vectorized'}",
                         "--set", "federated.backend=vectorized", "--quiet", *NO_DROPOUT)
     assert vectorized.returncode == 0, vectorized.stderr[-3000:]
     run_dir = tmp_path / "flower"
-    flower = ["--config", "yamls/smoke.yaml", "--set", "federated.backend=flower", "--set", "federated.flower.nodes=4",
+    flower = [*SMOKE, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=4",
               "--quiet", *NO_DROPOUT]
     command = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *flower, "--set", f"run_dir={run_dir}"],
                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
@@ -150,7 +151,7 @@ def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tm
 def test_an_unreachable_superlink_is_a_clear_error_that_writes_nothing(tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    result = run_py("--config", "yamls/smoke.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set",
+    result = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'run'}", "--set",
                     "federated.backend=flower", "--set", f"federated.flower.address={address}", timeout=120)
     assert result.returncode == 2
     assert address in result.stderr and "SuperLink" in result.stderr
@@ -180,7 +181,7 @@ def test_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path)
                 [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                  "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        result = run_py("--config", "yamls/smoke.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set",
+        result = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'run'}", "--set",
                         "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
                         "--set", "federated.flower.nodes=2", "--set", "federated.flower.start_timeout=120.0", timeout=400)
     finally:
