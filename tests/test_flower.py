@@ -3,7 +3,6 @@ loopback processes this test starts and stops through run.py. Skipped without th
 (`make flower`; CI has it)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ from recbole_ext.errors import UserError  # noqa: E402
 from recbole_ext.federated.aggregate import RoundSums  # noqa: E402
 from recbole_ext.federated.flower import records  # noqa: E402
 from recbole_ext.federated.flower.backend import FlowerBackend, merge_checked  # noqa: E402
-from recbole_ext.federated.flower.deploy import flower_env, free_port, tool  # noqa: E402
+from recbole_ext.federated.flower.deploy import flower_env, free_port, stop_all, tool  # noqa: E402
 
 NO_DROPOUT = ["--set", "model.hidden_dropout_prob=0.0", "--set", "model.attn_dropout_prob=0.0"]
 SMOKE = ["--config", "yamls/smoke.yaml", "--set", f"data.path={recbole_example_dir()}"]  # ML-100K in RecBole's package
@@ -185,14 +184,7 @@ def test_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path)
                         "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
                         "--set", "federated.flower.nodes=2", "--set", "federated.flower.start_timeout=120.0", timeout=400)
     finally:
-        tree = [psutil.Process(p.pid) for p in processes]
-        tree += [child for member in tree for child in member.children(recursive=True)]  # the ServerApp too
-        for member in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.terminate()
-        psutil.wait_procs(tree, timeout=30)
-        for process in processes:
-            process.wait(10)
+        stop_all(processes)  # the ServerApp too
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "(partition 1) does not hold the run's data" in result.stderr
     assert "(partition 0)" not in result.stderr

@@ -92,7 +92,7 @@ class Deployment:
         log = open(self.work / f"{name}.log", "w")
         process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        self.processes.append((name, process))
+        self.processes.append(process)
         return process
 
     def _wait_healthy(self, name: str, process: subprocess.Popen, port: int) -> None:
@@ -166,28 +166,30 @@ class Deployment:
         return answer.stdout + answer.stderr
 
     def stop(self) -> None:
-        # Every process this command started and everything they started: the SuperLink launches the
-        # ServerApp through a process in a session of its own, and a ServerApp whose SuperLink is gone
-        # lives on, still writing the run folder. SuperNodes first: one that gets SIGTERM leaves the
-        # SuperLink at once.
-        tree = []
-        for name, process in reversed(self.processes):
-            try:
-                root = psutil.Process(process.pid)
-                tree += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for member in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for member in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
-        psutil.wait_procs(alive, timeout=10)
-        for name, process in self.processes:
-            process.wait()
+        # SuperNodes first: one that gets SIGTERM leaves the SuperLink at once.
+        stop_all(self.processes[::-1])
         self.processes = []
+
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """Stop `processes` and everything they started: the SuperLink launches the ServerApp through a
+    process in a session of its own, and a ServerApp whose SuperLink is gone lives on, still writing
+    the run folder. SIGTERM first, SIGKILL for what is left after 10 s."""
+    tree = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(process.pid)
+            tree += [root, *root.children(recursive=True)]
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=10)
+    for process in processes:
+        process.wait()
 
 
 def rounds_done(run_dir: str) -> int:
