@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .defaults import BASE
 from .errors import UserError
 
 _positive = (lambda v: v > 0, "must be > 0")
@@ -112,6 +113,11 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "federated.flower.address": ((str,), True, None),
     "federated.flower.start_timeout": ((float,), False, _positive),
     "federated.flower.round_timeout": ((float,), False, _positive),
+    "federated.flower.secaggplus": ((bool,), False, None),
+    "federated.flower.shares": ((int,), False, _positive),
+    "federated.flower.threshold": ((int,), False, _positive),
+    "federated.flower.clipping_range": ((float,), False, _positive),
+    "federated.flower.quantization_range": ((int,), False, _positive),
     "federated.secure_aggregation": ((bool,), False, None),
     "federated.sparse_uploads": ((bool,), False, None),
     "federated.dp.clip_norm": ((float,), True, _positive),
@@ -141,6 +147,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "tune.grace_period": ((int,), False, _positive),
     "tune.reduction_factor": ((int,), False, (lambda v: v >= 2, "must be >= 2")),
     "tune.divergence_factor": ((float,), False, (lambda v: v > 1, "must be > 1")),
+    "tune.criterion": ((str,), True, _choice("stage2")),  # analysis/sweep_report.py's success tests
     "tune.cpus_per_trial": ((float,), False, _positive),
     "tune.gpus_per_trial": ((float,), False, _non_negative),
     "tune.max_concurrent_trials": ((int,), True, _positive),
@@ -154,9 +161,6 @@ _SECTIONS = {key.rsplit(".", 1)[0] for key in SCHEMA if "." in key} | {
     key.rsplit(".", 2)[0] for key in SCHEMA if key.count(".") == 2}
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _PATH_KEYS = ("run_dir", "data.path", "data.text_features", "data.image_features", "tune.storage_path")
-
-
-BASE = Path(__file__).resolve().parents[1] / "yamls" / "base.yaml"
 
 
 def load_config(path: str | Path, overrides: list[str] = (), saved: bool = False) -> dict:

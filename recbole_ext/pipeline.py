@@ -22,24 +22,19 @@ _STAGE_NAMES = {1: "pretrain_sasrec", 2: "align_projectors", 3: "finetune_moe"}
 def recbole_settings(cfg: dict) -> dict:
     """The RecBole config for a stage. Evaluation is RecBole's full-sort path; the sampled protocol
     is gathered from it (see evaluation.py)."""
-    m, data = cfg["model"], cfg["data"]
+    from .model.ur4rec_moe import model_settings
+
+    data = cfg["data"]
     return {
         "data_path": data["path"], "checkpoint_dir": cfg["run_dir"],
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "MAX_ITEM_LIST_LENGTH": data["max_seq_length"],
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
         "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, TOP_K], "valid_metric": cfg["eval"]["metric"].upper(),
-        "eval_batch_size": cfg["eval"]["batch_size"], "train_neg_sample_args": None, "loss_type": "CE",
+        "eval_batch_size": cfg["eval"]["batch_size"],
         "seed": cfg["seed"], "reproducibility": True, "device": cfg["device"], "use_gpu": cfg["device"] != "cpu",
         "show_progress": False, "learning_rate": cfg["optim"]["learning_rate"],
-        **{k: m[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
-                             "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range",
-                             "text_dim", "image_dim", "align", "experts", "align_beta", "gating_init",
-                             "projector_init_gain", "expert_heads", "align_dropout_prob", "item_content")},
-        "rec_loss": cfg["loss"]["type"], "lambda_align": cfg["loss"]["lambda_align"],
-        "lambda_lb": cfg["loss"]["lambda_lb"], "align_temperature": cfg["loss"]["align_temperature"],
-        "text_features": data["text_features"], "image_features": data["image_features"],
-        "memory": dict(m["memory"]),
+        **model_settings(cfg),
     }
 
 

@@ -9,11 +9,26 @@ import pytest
 import run
 
 CORPUS = Path(__file__).parent / "bad_inputs"
-CASES = sorted(p.name for p in CORPUS.iterdir() if (p / "expect.txt").is_file())
+# Every folder is a case, except the shared material (`_base.yaml`, `_data/`; names starting with `_`),
+# so a case folder that lost a file fails below rather than dropping out of the run.
+CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
-def test_the_corpus_covers_every_kind():
-    assert len(CASES) >= 17
+def test_every_case_folder_is_a_runnable_case():
+    """Each case folder holds the config it runs and an expectation that can fail: a regular
+    expression that compiles and does not match an empty message (so '', '.*' or 'x?' cannot pass
+    every error)."""
+    assert CASES, f"{CORPUS} holds no case folders"
+    for case in CASES:
+        folder = CORPUS / case
+        assert (folder / "config.yaml").is_file(), f"{case}: no config.yaml"
+        assert (folder / "expect.txt").is_file(), f"{case}: no expect.txt"
+        expected = (folder / "expect.txt").read_text().strip()
+        try:
+            pattern = re.compile(expected)
+        except re.error as err:
+            raise AssertionError(f"{case}: expect.txt is not a regular expression: {err}") from None
+        assert not pattern.search(""), f"{case}: expect.txt {expected!r} matches any message"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -17,12 +17,55 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_stage_files_resolve_and_inherit():
-    s3 = load_config(ROOT / "yamls" / "stage3.yaml")
-    assert s3["stage"] == 3 and s3["model"]["experts"] and s3["model"]["align"]  # align inherited from stage 2
-    assert s3["model"]["hidden_size"] == 128  # from base
-    assert [Path(e["checkpoint"]).parent.name for e in s3["load"]] == ["stage1", "stage2"]
-    assert Path(s3["run_dir"]).is_absolute() and s3["run_dir"].endswith("runs/stage3")
+def test_stage_files_resolve_and_inherit(tmp_path, monkeypatch):
+    """Properties of yamls/stage{1,2,3}.yaml that hold whatever values they hold: each stage file
+    overrides exactly the keys it names and takes the rest from the file it extends; stage k loads
+    the checkpoints that the earlier stages write, with every group they trained, from whichever
+    directory the three are run; and no two stages share a run folder."""
+    import os
+
+    import yaml
+
+    from recbole_ext.runs import CHECKPOINT
+    from recbole_ext.stages import group_of
+
+    def flat(node, prefix=""):  # {dotted key: value}; a list, or the sweep's tune.space, is one value
+        if isinstance(node, dict) and node and prefix != "tune.space.":
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    def resolved_as_set(key, value):  # how load_config turns a value the file names into the resolved one
+        if key in ("run_dir", "data.path", "data.text_features", "data.image_features", "tune.storage_path"):
+            return None if value is None else os.path.abspath(os.path.expanduser(value))
+        if key == "load":
+            return [{**e, "checkpoint": os.path.abspath(os.path.expanduser(e["checkpoint"]))} for e in value]
+        return value
+
+    files = [ROOT / "yamls" / f"stage{k}.yaml" for k in (1, 2, 3)]
+    for cwd in (ROOT, tmp_path):  # relative paths resolve against the directory the stages run from
+        monkeypatch.chdir(cwd)
+        stages = [load_config(f) for f in files]
+        assert [s["stage"] for s in stages] == [1, 2, 3]
+        for file, stage in zip(files, stages):
+            raw = yaml.safe_load(file.read_text())
+            parent = flat(load_config(file.parent / raw.pop("extends")))
+            named, mine = flat(raw), flat(stage)
+            for key in set(parent) | set(mine):
+                if key == "run_dir":
+                    continue  # checked below: it defaults to runs/<name>, and each stage names itself
+                expected = resolved_as_set(key, named[key]) if key in named else parent.get(key)
+                assert mine.get(key) == expected, f"{file.name}: {key} is {mine.get(key)!r}, expected {expected!r}"
+        run_dirs = [Path(s["run_dir"]) for s in stages]
+        assert all(d.is_absolute() for d in run_dirs) and len(set(run_dirs)) == 3, run_dirs
+        for k, stage in enumerate(stages):
+            loads = {}  # checkpoint -> the groups taken from it
+            for entry in stage["load"]:
+                loads.setdefault(Path(entry["checkpoint"]), set()).update(entry["groups"])
+            assert set(loads) == {d / CHECKPOINT for d in run_dirs[:k]}, f"{files[k].name} loads {sorted(loads)}"
+            for earlier, d in zip(stages[:k], run_dirs):
+                trained = {group_of(pattern) for pattern in earlier["trainable"]}
+                assert trained <= loads[d / CHECKPOINT], \
+                    f"{files[k].name} drops {sorted(trained - loads[d / CHECKPOINT])} trained in {d}"
 
 
 def test_extends_is_relative_to_the_file_and_absolute_paths_work(tmp_path):

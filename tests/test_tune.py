@@ -241,9 +241,10 @@ def test_the_sweep_reads_stage1_from_the_summary_beside_its_checkpoint(sweep, st
     assert float(read_rows(sweep["dir"])["0.003"]["stage1_valid_hit@10"]) == stage1_hit
 
 
-def criterion_of(tmp_path, valid: list[tuple[float, float]]) -> dict:
+def criterion_of(tmp_path, valid: list[tuple[float, float]], criterion: str | None = "stage2") -> dict:
     """The trials.csv row of a stage-2 trial whose validations gave these (HR@10, NDCG@10) pairs,
-    against a stage 1 with validation HR@10 0.20; its losses fall every round, whatever it validates."""
+    against a stage 1 with validation HR@10 0.20, in a sweep declaring `criterion`; its losses fall
+    every round, whatever it validates."""
     (tmp_path / "stage1").mkdir()
     (tmp_path / "stage1" / "summary.json").write_text(json.dumps({"stage": 1, "valid": {"full": {"hit@10": 0.20}}}))
     run_dir = tmp_path / "trial" / "run"
@@ -254,7 +255,7 @@ def criterion_of(tmp_path, valid: list[tuple[float, float]]) -> dict:
                                 "valid": {p: {"hit@10": hit, "ndcg@10": ndcg} for p in ("full", "uni100")}}) + "\n")
     cfg = {"trainer": "federated", "federated": {"rounds": len(valid)},
            "load": [{"checkpoint": str(tmp_path / "stage1" / "best.pt")}],
-           "tune": {"protocol": "full", "metric": "ndcg@10", "mode": "max", "space": {}}}
+           "tune": {"protocol": "full", "metric": "ndcg@10", "mode": "max", "space": {}, "criterion": criterion}}
     return row_of(cfg, tmp_path / "trial", {}, {"round": len(valid)}, None)
 
 
@@ -268,6 +269,25 @@ def test_the_stage2_criterion_asks_for_stage1_level_and_a_held_validation(tmp_pa
     row = criterion_of(tmp_path, valid)
     assert row["criterion"] == expected
     assert row["final_valid_full_ndcg@10"] == valid[-1][1] and row["valid_full_ndcg@10"] == max(v[1] for v in valid)
+
+
+def test_the_stage2_sweeps_declare_the_stage2_criterion_and_others_none():
+    assert load_config(ROOT / "yamls" / "stage2.yaml")["tune"]["criterion"] is None
+    assert all(load_config(ROOT / "yamls" / path)["tune"]["criterion"] == "stage2"
+               for path in ("tune_stage2.yaml", "ml1m/tune_stage2.yaml", "amazon/tune_stage2.yaml"))
+
+
+def test_a_trial_row_has_no_criterion_unless_the_sweep_declares_one(tmp_path):
+    row = criterion_of(tmp_path, [(0.19, 0.100), (0.20, 0.110), (0.17, 0.095)], criterion=None)
+    assert "criterion" not in row and "stage1_valid_hit@10" not in row
+    assert row["final_valid_full_ndcg@10"] == 0.095 and list(row)[-1] == "error"
+
+
+def test_an_unknown_criterion_stops_the_sweep_naming_the_key(tmp_path, capsys):
+    code = run.main(["tune", "--config", SMOKE, "--set", "tune.criterion=stage3",
+                     "--set", f"tune.storage_path={tmp_path}"])
+    assert code == 2 and "tune.criterion = 'stage3' must be one of stage2" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -287,29 +307,81 @@ def test_best_yaml_runs_as_a_stage_config(sweep, capsys):
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, features, tmp_path):
-    """Two trials one after the other; Ctrl+C while the second one trains, then `run.py tune --resume`.
-    The trials are long enough that the second one cannot finish between its first save and the Ctrl+C
-    (with 3 rounds it once did, on a fast machine, and the sweep ended normally), and no longer than
-    base.yaml's patience of 10 validations, which would stop them early."""
+    """Two trials one after the other; Ctrl+C as soon as the second one has saved its first round
+    (its state.pt exists), then `run.py tune --resume`.
+
+    The test waits for events, never for a fixed time: it reads the driver's output as it comes
+    (the first trial's line says it ended) and, meanwhile, looks for the second trial's state.pt every
+    0.2 s; each wait is bounded (`wait_s`) and fails naming what never happened, with the driver's
+    output, and a failure ends the driver's process group. One race is left: the second trial trains
+    on between its state.pt appearing and Ctrl+C reaching the driver (a fraction of a second; after
+    it, each report waits for a driver that has stopped). 10 rounds leave it far from its end (with
+    3 it once finished first on a fast machine), and no more than base.yaml's patience of 10
+    validations, which would stop it early."""
+    import os
+    import queue
+    import threading
+
+    wait_s = 600  # a bound, not a pause: Ray took over 180 s to start a trial on a loaded machine
     rounds = 10
     args = sweep_args(stage1, features, tmp_path, "[0.003, 0.001]", "tune.max_concurrent_trials=1", rounds=rounds)
+    # its own process group, so that a failure below can end the driver and whatever Ray started with it
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "run.py"), *args], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("trial_"):  # the first trial has ended
-            break
-    sweep_dir = Path(next(l for l in lines if l.startswith("sweep folder: ")).split(": ", 1)[1].strip())
-    first = lines[-1].split()[0]
-    deadline = time.time() + 600  # Ray starts the second trial slowly on a loaded machine (over 180 s once)
-    while not (started := [d for d in sweep_dir.glob("trial_*/run") if d.parent.name != first
-                           and (d / "state.pt").is_file()]):
-        assert time.time() < deadline and proc.poll() is None, "the second trial never saved a round"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    output = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0 and f"run.py tune --resume {sweep_dir}" in output, output[-3000:]
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    arriving: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            arriving.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    lines: list[str] = []
+
+    def drain():
+        while not arriving.empty():
+            lines.append(arriving.get())
+
+    def wait_for(found, what: str):
+        """found() once it is true, reading the driver's lines meanwhile; fails if the driver ends
+        first or after wait_s."""
+        deadline = time.monotonic() + wait_s
+        while not (result := found()):
+            if proc.poll() is not None:
+                reader.join(timeout=10)  # the rest of its output
+                drain()
+                if result := found():
+                    break
+                pytest.fail(f"the sweep exited ({proc.returncode}) before {what}:\n{''.join(lines)[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {wait_s} s:\n{''.join(lines)[-3000:]}")
+            try:
+                lines.append(arriving.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        return result
+
+    try:
+        # a trial's line in the driver's output: it has ended
+        first = wait_for(lambda: next((l.split()[0] for l in lines if l.startswith("trial_")), None),
+                         "the first trial to end")
+        sweep_dir = Path(next(l for l in lines if l.startswith("sweep folder: ")).split(": ", 1)[1].strip())
+        started = wait_for(lambda: [d for d in sweep_dir.glob("trial_*/run") if d.parent.name != first
+                                    and (d / "state.pt").is_file()], "the second trial to save its first round")
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the sweep did not stop within 120 s of Ctrl+C:\n{''.join(lines)[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=30)
+    drain()
+    output = "".join(lines)
+    assert proc.returncode != 0, "the second trial ended before Ctrl+C reached the sweep:\n" + output[-3000:]
+    assert f"run.py tune --resume {sweep_dir}" in output, output[-3000:]
     assert not (sweep_dir / "trials.csv").exists()
     # --report of the stopped sweep: the ended trial as it ended, the cut one unfinished, no winner yet
     reported = subprocess.run([sys.executable, str(ROOT / "run.py"), "tune", "--report", str(sweep_dir)],

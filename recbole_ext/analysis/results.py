@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from ..defaults import base_defaults
 from ..errors import UserError
 from ..runs import CHECKPOINT, read_checkpoint, read_metrics
 from .plotting import pyplot
@@ -125,7 +126,7 @@ class Run:
             return self.given("trainer")
         if self.metrics:  # the unit trained tells: federated rounds, centralized epochs
             return "federated" if self.rounds else "centralized"
-        return self.config.get("trainer", "federated")
+        return self.config.get("trainer", base_defaults()["trainer"])
 
     @property
     def rounds(self) -> list[dict]:
@@ -230,8 +231,8 @@ def records(run: Run) -> list[dict]:
 
 def best_validation(run: Run) -> dict | None:
     """The metrics line the run's early stopping would keep: the first best on its eval metric."""
-    ev = run.config.get("eval") or {}
-    protocol, metric = ev.get("protocol", "full"), ev.get("metric", "ndcg@10")
+    ev = {**base_defaults()["eval"], **(run.config.get("eval") or {})}
+    protocol, metric = ev["protocol"], ev["metric"]
     best = None
     for line in run.metrics:
         if "valid" in line and (best is None or line["valid"][protocol][metric] > best["valid"][protocol][metric]):

@@ -1,6 +1,7 @@
 """A Ray Tune sweep's results (`run.py tune` writes them as the sweep ends, `--report` at any time):
-trials.csv (one row per trial, with the stage-2 success criterion), best.yaml, the console table,
-stability.png and loss_curves.png. Reads the sweep folder and the trials' run folders only."""
+trials.csv (one row per trial, judged by the success test `tune.criterion` names, if any), best.yaml,
+the console table, stability.png and loss_curves.png. Reads the sweep folder and the trials' run
+folders only."""
 from __future__ import annotations
 
 import csv
@@ -13,12 +14,6 @@ from ..runs import read_metrics
 from .plotting import pyplot
 
 _PREFERRED_AXES = ("federated.server_lr", "optim.learning_rate", "model.projector_init_gain")
-# Stage 2 succeeds when its best validation HR@10 is at most _CRITERION_GAP below stage 1's and its
-# last validated round keeps at least 1 - _CRITERION_DROP of its best value of the sweep's metric. The
-# hold test is on the fixed validation users: a round's training loss comes from other clients each
-# round, so a falling loss says nothing (docs/TUNING.md).
-_CRITERION_GAP = 0.05
-_CRITERION_DROP = 0.1
 
 
 def report(cfg: dict, sweep_dir: Path, trials: list, final: bool, planned: int) -> list[dict]:
@@ -87,20 +82,37 @@ def row_of(cfg: dict, trial_dir: Path, values: dict, last: dict, error) -> dict:
            "rounds_run": len(records),
            "first_loss": records[0]["loss"] if records else None,
            **{f"final_{k}": records[-1][k] if records else None for k in ("loss", "rec_loss", "align_loss")}}
-    final = validated[-1]["valid"][protocol][metric] if validated else None
-    row[f"final_valid_{protocol}_{metric}"] = final
-    stage1 = stage1_hit(cfg)
-    row["stage1_valid_hit@10"] = stage1
-    if status == "diverged":
-        row["criterion"] = "not met"
-    elif stage1 is None or len(validated) < 2:  # no trend from a single validation
-        row["criterion"] = "unknown"
-    else:
-        hit_ok = best["valid"][protocol]["hit@10"] >= stage1 - _CRITERION_GAP
-        holds = sign * final >= sign * best["valid"][protocol][metric] * (1 - sign * _CRITERION_DROP)
-        row["criterion"] = "met" if hit_ok and holds else "not met"
+    row[f"final_valid_{protocol}_{metric}"] = validated[-1]["valid"][protocol][metric] if validated else None
+    if cfg["tune"]["criterion"] == "stage2":
+        row.update(stage2_criterion(cfg, status, validated, best))
     row["error"] = error
     return row
+
+
+# `tune.criterion: stage2`: stage 2 succeeds when its best validation HR@10 is at most _CRITERION_GAP
+# below stage 1's and its last validated round keeps at least 1 - _CRITERION_DROP of its best value of
+# the sweep's metric. The hold test is on the fixed validation users: a round's training loss comes from
+# other clients each round, so a falling loss says nothing (docs/TUNING.md).
+_CRITERION_GAP = 0.05
+_CRITERION_DROP = 0.1
+
+
+def stage2_criterion(cfg: dict, status: str, validated: list[dict], best: dict | None) -> dict:
+    """A trial's `stage1_valid_hit@10` and `criterion` (met, not met, unknown) from its validated
+    metrics records and the best of them."""
+    protocol, metric = cfg["tune"]["protocol"], cfg["tune"]["metric"]
+    sign = 1 if cfg["tune"]["mode"] == "max" else -1
+    stage1 = stage1_hit(cfg)
+    if status == "diverged":
+        met = "not met"
+    elif stage1 is None or len(validated) < 2:  # no trend from a single validation
+        met = "unknown"
+    else:
+        hit_ok = best["valid"][protocol]["hit@10"] >= stage1 - _CRITERION_GAP
+        final = validated[-1]["valid"][protocol][metric]
+        holds = sign * final >= sign * best["valid"][protocol][metric] * (1 - sign * _CRITERION_DROP)
+        met = "met" if hit_ok and holds else "not met"
+    return {"stage1_valid_hit@10": stage1, "criterion": met}
 
 
 def stage1_hit(cfg: dict) -> float | None:
@@ -170,9 +182,11 @@ def trial_line(row: dict, cfg: dict) -> str:
 def _table(rows: list[dict], cfg: dict) -> str:
     key = f"valid_{metric_key(cfg)}"
     names = [k.rsplit(".", 1)[-1] for k in cfg["tune"]["space"]]
-    head = ["trial", *names, "status", key, "best round", "criterion"]
+    criterion = ["criterion"] if cfg["tune"]["criterion"] else []
+    head = ["trial", *names, "status", key, "best round", *criterion]
     body = [[r["trial"], *(_short(r[k]) for k in cfg["tune"]["space"]), r["status"],
-             "-" if r[key] is None else f"{r[key]:.4f}", str(r["best_round"] or "-"), r["criterion"]] for r in rows]
+             "-" if r[key] is None else f"{r[key]:.4f}", str(r["best_round"] or "-"), *(r[c] for c in criterion)]
+            for r in rows]
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths))
     return "\n".join(["best trials:", fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in body])

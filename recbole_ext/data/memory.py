@@ -39,22 +39,27 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from recbole_ext.defaults import base_defaults
 from recbole_ext.errors import UserError
 
 #: Up to this many items, one item-by-item similarity table is computed for the whole dataset
 #: (8192 items -> 256 MiB); above it, only the similarities each user's walk needs, on demand.
 MAX_GLOBAL_GRAM_ITEMS = 8192
 
+_DEFAULT = base_defaults()["model"]["memory"]
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    st_size: int = 8  # short-term FIFO capacity
-    lt_size: int = 16  # long-term store capacity
-    st_k: int = 4  # slots retrieved from short-term (most recent first)
-    lt_k: int = 4  # slots retrieved from long-term
-    novelty_threshold: float = 0.9  # admit only if max cosine sim to the short-term set is below this
-    merge_threshold: float = 0.98  # an item this similar to a long-term entry merges into it
-    recency_decay: float = 0.95  # utility = log(1 + frequency) + recency_decay ** (t - last_seen)
+    """`model.memory`; yamls/base.yaml says what each setting means and holds its default."""
+
+    st_size: int = _DEFAULT["st_size"]
+    lt_size: int = _DEFAULT["lt_size"]
+    st_k: int = _DEFAULT["st_k"]
+    lt_k: int = _DEFAULT["lt_k"]
+    novelty_threshold: float = _DEFAULT["novelty_threshold"]
+    merge_threshold: float = _DEFAULT["merge_threshold"]
+    recency_decay: float = _DEFAULT["recency_decay"]
 
     def __post_init__(self):
         for f in fields(self):

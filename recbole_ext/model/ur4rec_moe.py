@@ -14,7 +14,6 @@ checkpoint is a SASRec checkpoint and stage-1 scores are SASRec's scores.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import compat
 from ..data.dataset import MEM_ROW, UR4RecDataset
-from ..data.memory import MemoryConfig
 from ..data.side_info import SideInfo
+from ..defaults import base_defaults
 from ..errors import UserError
 from .experts import AlignGating, Expert, Fusion, Router
 
@@ -33,20 +32,6 @@ SASRec = compat.import_sasrec()
 # Parameter groups `encode` reads: when none of them trains, a position's backbone output is fixed
 # for the whole stage and can be computed once (stage 2; see federated/backbone_cache.py).
 BACKBONE_GROUPS = ("item_embedding", "position_embedding", "LayerNorm", "trm_encoder")
-# Every RecBole config key the model and its dataset read, with its default: `yamls/base.yaml`'s model
-# section (and its feature paths and loss weights) under the names `pipeline.recbole_settings` gives
-# them; tests/test_recbole_script.py checks the two agree. `loss_type` and `train_neg_sample_args` are
-# RecBole's: `calculate_loss` is the full softmax (CE), which needs no sampled negatives. A stock
-# RecBole `Config(model=UR4RecMoE)` gets them through `compat.register_model` (bottom of this file).
-DEFAULTS = {
-    "n_layers": 2, "n_heads": 2, "hidden_size": 128, "inner_size": 256, "hidden_dropout_prob": 0.2,
-    "attn_dropout_prob": 0.2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "initializer_range": 0.02,
-    "loss_type": "CE", "train_neg_sample_args": None,
-    "text_dim": 384, "image_dim": 512, "align": False, "experts": False, "align_beta": 1.0, "gating_init": 0.0,
-    "projector_init_gain": 1.0, "expert_heads": 2, "align_dropout_prob": 0.1, "item_content": False,
-    "rec_loss": "sampled_softmax", "lambda_align": 0.1, "lambda_lb": 0.01, "align_temperature": 0.1,
-    "text_features": None, "image_features": None, "memory": asdict(MemoryConfig()),
-}
 # Full-catalogue scoring with align or experts on builds [rows, n_items, H] tensors: rows are taken in
 # chunks of about this many elements per such tensor, so memory stays bounded at any batch size.
 SCORE_CHUNK_ELEMENTS = 2 ** 23
@@ -54,6 +39,21 @@ SCORE_CHUNK_ELEMENTS = 2 ** 23
 # [rows, n_items, H] tensors alive at once in `score` without gradients (experts, fusion, gate).
 LIVE_SCORE_TENSORS = 16
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def model_settings(cfg: dict) -> dict:
+    """Every RecBole config key the model and its dataset read, from a config (`model`, the loss, the
+    feature paths). `loss_type` and `train_neg_sample_args` are RecBole's: `calculate_loss` is the full
+    softmax (CE), which needs no sampled negatives."""
+    model, loss, data = cfg["model"], cfg["loss"], cfg["data"]
+    return {**model, "memory": dict(model["memory"]), "rec_loss": loss["type"],
+            "lambda_align": loss["lambda_align"], "lambda_lb": loss["lambda_lb"],
+            "align_temperature": loss["align_temperature"], "text_features": data["text_features"],
+            "image_features": data["image_features"], "loss_type": "CE", "train_neg_sample_args": None}
+
+
+# yamls/base.yaml's defaults, for a stock RecBole `Config(model=UR4RecMoE)` (`compat.register_model`, at the end).
+DEFAULTS = model_settings(base_defaults())
 
 
 def per_item(fn, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
