@@ -53,6 +53,9 @@ def run_stage(argv: list[str]) -> None:
     else:
         check_fresh(cfg["run_dir"], args.overwrite)
     if cfg["trainer"] == "federated" and cfg["federated"]["backend"] == "flower":
+        from recbole_ext.federated.privacy import check_settings
+
+        check_settings(cfg, args.config)  # here, not first in the ServerApp after the deployment started
         from recbole_ext.federated.flower.deploy import run_stage as run_deployed
         from recbole_ext.analysis.report import read_summary
 

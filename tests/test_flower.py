@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("flwr")
 
 from conftest import ROOT, recbole_example_dir  # noqa: E402
+from test_privacy import stage  # noqa: E402,F401  (the tiny stage-1 fixture)
 from recbole_ext.errors import UserError  # noqa: E402
 from recbole_ext.federated.aggregate import RoundSums  # noqa: E402
 from recbole_ext.federated.flower import records  # noqa: E402
@@ -189,3 +190,102 @@ def test_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path)
     assert "(partition 1) does not hold the run's data" in result.stderr
     assert "(partition 0)" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+SECAGGPLUS = ["--set", "federated.flower.secaggplus=true", "--set", "federated.server_optimizer=sgd",
+              "--set", "federated.server_lr=1.0", *NO_DROPOUT]  # server SGD at rate 1: the parameters move by the mean update
+
+
+def test_what_a_secaggplus_server_receives_of_one_node_tells_the_attack_nothing(stage):
+    """`run.py attack`'s view under SecAgg+: the user's node's masked vector from a round of Flower's
+    workflow and client mod (in this process). Its item rows score at chance, where the same users'
+    plain uploads name their histories."""
+    from test_privacy import backend_for, with_federated
+    from recbole_ext.analysis.attack import auc_and_precision, item_scores, server_view
+    from recbole_ext.federated.privacy import ITEM_ROWS
+
+    built, _ = stage
+    clients = built.windows.clients[:12]
+    secure = with_federated(built.cfg, backend="flower", flower={**built.cfg["federated"]["flower"], "secaggplus": True})
+    results = {}
+    for name, settings in (("plain", built.cfg), ("secaggplus", secure)):
+        made, global_params = backend_for(stage, "sequential", settings)
+        rng, aucs = np.random.default_rng(0), {"row_norm": [], "row_sent": []}
+        for user in clients:
+            view, size = server_view(made, int(user), global_params, 7, clients)
+            in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
+            in_history[built.windows.history[user] - 1] = True
+            for score, values in item_scores(view[ITEM_ROWS]).items():
+                aucs[score].append(auc_and_precision(values, in_history, rng)[0])
+        results[name] = {score: float(np.mean(values)) for score, values in aucs.items()}
+        if name == "secaggplus":  # ring elements, every one of them sent
+            assert size >= 4 * sum(v.numel() for v in global_params.values())
+            assert set(np.unique(np.concatenate([v.numpy().ravel() % 1 for v in view.values()]))) == {0.0}
+    assert results["plain"]["row_norm"] > 0.9
+    assert abs(results["secaggplus"]["row_norm"] - 0.5) < 0.08
+    assert results["secaggplus"]["row_sent"] == 0.5  # every row of a masked vector is non-zero
+
+
+@pytest.mark.slow
+def test_secaggplus_gives_the_plain_mean_within_its_quantization_bound(tmp_path):
+    """One round of DP-FedAvg through Flower's SecAgg+ on 3 loopback SuperNodes against the simulated
+    masks of the vectorized backend (both weigh clients uniformly; the noise is the round's, the same
+    in both): the parameters, moved by the noised mean update, agree within the bound that
+    secaggplus.error_bound states, the error is not zero (it was quantized), and the accountant
+    spends the same epsilon."""
+    from recbole_ext.config import load_config
+    from recbole_ext.federated.flower.secaggplus import error_bound
+
+    one_round = [*SMOKE, "--set", "federated.rounds=1", "--quiet", *SECAGGPLUS, "--set", "federated.dp.clip_norm=1.0",
+                 "--set", "federated.dp.noise_multiplier=0.1"]
+    plain = run_py(*one_round, "--set", f"run_dir={tmp_path / 'plain'}", "--set", "federated.secure_aggregation=true",
+                   "--set", "federated.flower.secaggplus=false")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    secure = run_py(*one_round, "--set", f"run_dir={tmp_path / 'secaggplus'}", "--set", "federated.backend=flower",
+                    "--set", "federated.flower.nodes=3", timeout=600)
+    assert secure.returncode == 0, secure.stdout[-3000:] + secure.stderr[-3000:]
+    ours = torch.load(tmp_path / "secaggplus" / "state.pt", weights_only=False)["model"]
+    reference = torch.load(tmp_path / "plain" / "state.pt", weights_only=False)["model"]
+    worst = max(float((ours[k].double() - reference[k].double()).abs().max()) for k in reference)
+    flower = load_config(ROOT / "yamls" / "smoke.yaml")["federated"]["flower"]
+    bound = error_bound(flower, 3) + 1e-7  # and float32's rounding of parameters of about 0.1
+    assert 0 < worst < bound, f"SecAgg+ moved the parameters {worst:.2e} from the plain mean (bound {bound:.2e})"
+    plain_round, secure_round = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+                                 for name in ("plain", "secaggplus")]
+    assert plain_round["epsilon"] == secure_round["epsilon"] > 0
+    # the masked vectors (ring elements) come back up, not float32 parameters
+    assert secure_round["wire_bytes"]["up"] > 4 * secure_round["trainable_params"]
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_leaves_a_round_that_secaggplus_completes(tmp_path):
+    """Three SuperNodes started as an operator would; the third is killed in round 2 after it shared
+    its keys and before it sent its masked vector (its `drop-at-round` drill). SecAgg+ recovers its
+    masks from the others' shares: the round completes on the other two nodes' clients, and
+    metrics.jsonl names the dropout."""
+    env = flower_env(tmp_path / "home", threads=1)
+    port = free_port()
+    processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for index in range(3):
+            node_config = f"partition-id={index} num-partitions=3" + (" drop-at-round=2" if index == 2 else "")
+            processes.append(subprocess.Popen(
+                [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                 "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        result = run_py(*SMOKE, *SECAGGPLUS, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
+                        "--set", "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
+                        "--set", "federated.flower.nodes=3", "--set", "federated.flower.round_timeout=120.0",
+                        "--set", "federated.flower.start_timeout=120.0", "--quiet", timeout=900)
+        assert processes[3].poll() is not None  # the drill killed that SuperNode
+    finally:
+        stop_all(processes)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["dropped_nodes"] == []
+    [drop] = rounds[1]["dropped_nodes"]
+    assert drop["partition"] == 2 and drop["clients"] > 0 and "recovered its masks" in drop["reason"]
+    assert np.isfinite(rounds[1]["loss"])
+    assert not [p for p in psutil.process_iter(["cmdline"]) if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]

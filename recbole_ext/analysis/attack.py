@@ -2,7 +2,9 @@
 
 For a sample of clients, the server is handed each client's upload exactly as the run's configuration
 sends it (privacy.Uploads: plain, clipped under DP, masked under secure aggregation, sparse rows), from
-the run's best checkpoint as the global model, in a round the run never trained. It ranks the
+the run's best checkpoint as the global model, in a round the run never trained. Under
+`federated.flower.secaggplus` it is the user's node's masked vector, from a round of Flower's SecAgg+
+workflow and client mod run in this process (flower/secaggplus.py). It ranks the
 catalogue by how likely each item is in the client's training history, with two scores read off the
 item-embedding rows of the upload:
 
@@ -48,6 +50,11 @@ def server_view(backend, user: int, global_params: dict, round_seed: int, round_
     from ..federated.privacy import decode
 
     sums = backend.train_clients([user], global_params, round_seed, round_clients=round_clients)
+    flower = backend.settings["federated"]["flower"]
+    if flower["secaggplus"]:  # the user's node sends its sums over the round's client count, masked
+        from ..federated.flower.secaggplus import masked_upload
+
+        return masked_upload({n: v / len(round_clients) for n, v in sums.update.items()}, flower)
     if sums.modulus is None:
         return sums.update, sums.bytes_up
     return {name: decode(value, torch.float64) for name, value in sums.update.items()}, sums.bytes_up
@@ -107,7 +114,8 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     if cfg["trainer"] != "federated":
         raise UserError(f"{folder}: a {cfg['trainer']} run uploads nothing; the attack needs a federated run")
     fed = cfg["federated"]
-    setting = {"secure_aggregation": fed["secure_aggregation"], "sparse_uploads": fed["sparse_uploads"],
+    setting = {"secure_aggregation": fed["secure_aggregation"], "secaggplus": fed["flower"]["secaggplus"],
+               "sparse_uploads": fed["sparse_uploads"],
                "dp": fed["dp"] if fed["dp"]["clip_norm"] is not None else None}
     out = {"run": str(folder), "stage": cfg["stage"], "seed": seed, "upload": setting, "clients": 0, "scores": {}}
     global_params = {n: p.detach().clone() for n, p in stage.model.named_parameters() if p.requires_grad}
@@ -124,7 +132,7 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     for user in sample:
         view, size = server_view(backend, int(user), global_params, seed_of_round, sample)
         sizes.append(size)
-        if not fed["secure_aggregation"]:  # a masked upload's norm is the mask's
+        if not (fed["secure_aggregation"] or fed["flower"]["secaggplus"]):  # a masked upload's norm is the mask's
             norms.append(float(sum(v.double().pow(2).sum() for v in view.values()).sqrt()))
         in_history = np.zeros(stage.windows.n_items - 1, dtype=bool)
         in_history[stage.windows.history[user] - 1] = True

@@ -12,6 +12,8 @@ implementation of each option:
   fixed-point integers modulo 2^62 and each client adds pairwise masks, uniform over that ring, that
   cancel in the sum; the server-side sums only ever hold masked values, and a single upload is
   uniformly random. Pair seeds stand in for the key agreement; there is no dropout recovery.
+  The `flower` backend has the real protocol instead (`federated.flower.secaggplus`: Flower's SecAgg+,
+  federated/flower/secaggplus.py); it weighs clients uniformly too.
 * `federated.sparse_uploads`: a client sends only the item-embedding rows it changed (ids + rows)
   and the dense rest; `bytes_up` counts what is sent.
 """
@@ -29,6 +31,7 @@ ITEM_ROWS = "item_embedding.weight"  # the tensor whose non-zero rows name the i
 MODULUS = 2 ** 62  # the secure-aggregation ring; sums of two residues stay inside int64
 FIXED_POINT = 2.0 ** 32  # encoding scale: rounding error 2^-33 per entry, below float32's for updates < 1
 ID_BYTES = 4  # a sparse row's item id, sent as int32
+SECAGGPLUS_RING = 2 ** 32  # the ring of Flower's SecAgg+ masked sums (its default)
 MASK_STREAM, NOISE_STREAM = 0x6D61736B, 0x6E6F6973  # keep the masks' and the noise's seeds apart
 
 
@@ -42,6 +45,36 @@ def check_settings(cfg: dict, where: str) -> None:
     if fed["secure_aggregation"] and fed["client_fraction"] is None and fed["clients_per_round"] < 2:
         raise UserError(f"{where}: federated.secure_aggregation needs federated.clients_per_round >= 2 "
                         f"(a sum over one client is that client's update)")
+    check_secaggplus(fed, where)
+
+
+def check_secaggplus(fed: dict, where: str) -> None:
+    """The settings of Flower's SecAgg+ (federated.flower.secaggplus) that cannot work."""
+    flower = fed["flower"]
+    if not flower["secaggplus"]:
+        return
+    if fed["backend"] != "flower":
+        raise UserError(f"{where}: federated.flower.secaggplus needs federated.backend: flower "
+                        f"(it is {fed['backend']!r}; the other backends have federated.secure_aggregation)")
+    if fed["secure_aggregation"] or fed["sparse_uploads"]:
+        key = "secure_aggregation" if fed["secure_aggregation"] else "sparse_uploads"
+        raise UserError(f"{where}: federated.flower.secaggplus cannot be combined with federated.{key}: "
+                        f"SecAgg+ replaces the simulated masks, and masks cancel only over whole vectors")
+    nodes, shares, threshold = flower["nodes"], flower["shares"], flower["threshold"]
+    if nodes < 2:
+        raise UserError(f"{where}: federated.flower.secaggplus needs federated.flower.nodes >= 2 "
+                        f"(a sum over one node is that node's update)")
+    if threshold > shares:
+        raise UserError(f"{where}: federated.flower.threshold ({threshold}) is above federated.flower.shares "
+                        f"({shares}): a secret shared among {shares} nodes cannot need {threshold} shares")
+    if threshold > nodes:
+        raise UserError(f"{where}: federated.flower.threshold ({threshold}) is above the {nodes} nodes "
+                        f"(federated.flower.nodes) a round can sample: no round could be unmasked")
+    if threshold < 2:
+        raise UserError(f"{where}: federated.flower.threshold must be at least 2 (one share would reveal the secret)")
+    if nodes * flower["quantization_range"] > SECAGGPLUS_RING:
+        raise UserError(f"{where}: federated.flower.quantization_range ({flower['quantization_range']}) times the "
+                        f"{nodes} nodes exceeds the ring of 2^32: their masked sum would wrap")
 
 
 def dp_enabled(fed: dict) -> bool:
@@ -102,7 +135,7 @@ class Uploads:
         self.secure = fed["secure_aggregation"]
         self.sparse = fed["sparse_uploads"]
         # A weight that counts a client's targets tells the server (or the sum's sensitivity) about it.
-        self.uniform = self.secure or self.clip_norm is not None
+        self.uniform = self.secure or fed["flower"]["secaggplus"] or self.clip_norm is not None
         self.per_client = self.uniform or self.sparse  # every client's change must be formed on its own
 
     def weights(self, targets) -> torch.Tensor:

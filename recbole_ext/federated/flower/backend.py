@@ -16,7 +16,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from ...config import dump
 from ...errors import UserError
-from . import records
+from . import records, secaggplus
 
 _GRID = None  # the Grid of the ServerApp running in this process (set by `serve`)
 POLL_SECONDS = 0.2  # Grid.send_and_receive waits 3 s between pulls; a round is often shorter
@@ -83,6 +83,34 @@ def serialized_size(message: Message) -> int:
     return recorddict_to_proto(message.content).ByteSize()
 
 
+class CountingGrid:
+    """The ServerApp's Grid, counting the serialized bytes of the messages it sends and receives
+    (`wire_bytes`), whoever sends them: this backend, or Flower's SecAgg+ workflow."""
+
+    def __init__(self, grid):
+        self.grid, self.down, self.up = grid, 0, 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.down += sum(serialized_size(m) for m in messages)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
+        self.up += sum(serialized_size(r) for r in replies)
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.down += sum(serialized_size(m) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.up += sum(serialized_size(r) for r in replies)
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
 class FlowerBackend:
     """The nodes' sums of a round, merged; a node whose answer is malformed or non-finite is dropped
     (named in the run's log and in metrics.jsonl's `dropped_nodes`) and the round goes on without it."""
@@ -91,7 +119,7 @@ class FlowerBackend:
         if _GRID is None:
             raise UserError("federated.backend: flower runs inside a Flower ServerApp; start it with run.py, "
                             "which deploys it (docs/DEPLOY.md)")
-        self.grid, self.settings, self.device = _GRID, settings, windows.device
+        self.grid, self.settings, self.device = CountingGrid(_GRID), settings, windows.device
         flower = settings["federated"]["flower"]
         self.timeout = flower["round_timeout"]
         self.config_text = dump(settings)
@@ -100,6 +128,7 @@ class FlowerBackend:
         # the last round's message bytes {"down", "up"} and the nodes whose answers were dropped, for
         # its metrics line (`round_extra`)
         self.wire_bytes, self.dropped = None, []
+        self.rounds_run = 0  # this ServerApp's rounds (a resumed run counts from its first resumed one)
 
     def train_clients(self, clients, global_params: dict, round_seed: int, progress: bool = False,
                       round_clients=None):
@@ -108,6 +137,10 @@ class FlowerBackend:
         clients = np.asarray(clients)
         round_clients = clients if round_clients is None else np.asarray(round_clients)
         owner = records.partition_of(clients, len(self.nodes))
+        self.rounds_run += 1
+        self.grid.down = self.grid.up = 0
+        if self.settings["federated"]["flower"]["secaggplus"]:
+            return self.secaggplus_round(clients, owner, round_clients, global_params, round_seed)
         messages = []
         for partition, node in sorted(self.nodes.items()):
             mine = clients[owner == partition]
@@ -121,8 +154,7 @@ class FlowerBackend:
             missing = len(messages) - len(replies)
             raise UserError("a round's nodes did not all answer: " + "; ".join(
                 failed + ([f"{missing} gave no reply within {self.timeout:.0f} s"] if missing else [])))
-        self.wire_bytes = {"down": sum(serialized_size(m) for m in messages),
-                           "up": sum(serialized_size(r) for r in replies)}
+        self.wire_bytes = {"down": self.grid.down, "up": self.grid.up}
         partition_of_node = {node: partition for partition, node in self.nodes.items()}
         # in partition order, not arrival order: the same sum to the bit, run after run and on resume
         answers = [(partition_of_node[r.metadata.src_node_id], r.metadata.src_node_id,
@@ -130,6 +162,25 @@ class FlowerBackend:
         sums, self.dropped = merge_checked(sorted(answers, key=lambda a: a[0]), global_params,
                                            Uploads(self.settings).zeros(global_params))
         return sums
+
+    def secaggplus_round(self, clients, owner, round_clients, global_params: dict, round_seed: int):
+        """The round through Flower's SecAgg+ workflow: the server sees only the nodes' masked vectors
+        and their unmasked sum; a node that leaves mid-round is dropped and its masks recovered."""
+        flower = self.settings["federated"]["flower"]
+        requests = {node: {"clients": [int(c) for c in clients[owner == partition]],
+                           "round_clients": [int(c) for c in round_clients], "round_seed": int(round_seed),
+                           "partition": partition, "round": self.rounds_run, "config": self.config_text}
+                    for partition, node in sorted(self.nodes.items()) if (owner == partition).any()}
+        if len(requests) < flower["threshold"]:
+            raise UserError(f"round {self.rounds_run} has clients on {len(requests)} node(s), fewer than "
+                            f"federated.flower.threshold ({flower['threshold']}): sample more clients a round")
+        sums, finished = secaggplus.run_round(self.grid, requests, global_params, self.rounds_run,
+                                              len(round_clients), flower, self.timeout)
+        self.wire_bytes = {"down": self.grid.down, "up": self.grid.up}  # its four exchanges
+        self.dropped = [{"partition": r["partition"], "node": node, "clients": len(r["clients"]),
+                         "reason": "left the round; SecAgg+ recovered its masks"}
+                        for node, r in requests.items() if node not in finished]
+        return sums.to(self.device)
 
     def round_extra(self) -> dict:
         return {"wire_bytes": self.wire_bytes, "dropped_nodes": self.dropped}

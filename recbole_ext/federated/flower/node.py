@@ -3,7 +3,9 @@ train message rebuilds the node's model from the run's resolved config (in the m
 the node's clients with the `vectorized` backend; the node answers only for the partition it holds
 (its `--node-config "partition-id=P num-partitions=N"`). A node may keep the data elsewhere than the
 server (`data-path=FOLDER` in its node config replaces the config's `data.path` there); the server
-checks at the start that it loads the same data."""
+checks at the start that it loads the same data. Under `federated.flower.secaggplus` the train
+messages of a round follow Flower's SecAgg+ protocol (secaggplus.py), and only the one that carries the
+global parameters trains."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +15,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..ray_backend import actor_seed
-from . import records
+from . import records, secaggplus
 
-app = ClientApp()
+app = ClientApp(mods=[secaggplus.node_mod])
 
 
 def held_partition(context: Context) -> tuple[int, int]:
@@ -49,10 +51,20 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if secaggplus.is_secaggplus(msg):  # the collect stage of a SecAgg+ round; the mod masks the reply
+        params, round_ = secaggplus.read_fit(msg)
+        secaggplus.leave_mid_round(context, int(round_["round"]))
+        cfg, sums = train_partition(params, round_, context)
+        return secaggplus.fit_reply(msg, sums, round_, cfg["federated"]["flower"])
+    params, round_ = records.read_request(msg.content)
+    return Message(records.sums_reply(train_partition(params, round_, context)[1]), reply_to=msg)
+
+
+def train_partition(params: dict, round_: dict, context: Context):
+    """(the run's config, the RoundSums of the round's clients this node holds)."""
     from ..vectorized import VectorizedBackend
 
     partition, partitions = held_partition(context)
-    params, round_ = records.read_request(msg.content)
     if int(round_["partition"]) != partition:
         raise ValueError(f"sent the clients of partition {round_['partition']}, but this node holds {partition}")
     clients = np.asarray(round_["clients"], dtype=np.int64)
@@ -68,4 +80,4 @@ def train(msg: Message, context: Context) -> Message:
     sums = backend.train_clients(clients, {name: value.to(device) for name, value in params.items()},
                                  int(round_["round_seed"]),
                                  round_clients=np.asarray(round_["round_clients"], dtype=np.int64))
-    return Message(records.sums_reply(sums), reply_to=msg)
+    return cfg, sums
