@@ -148,6 +148,48 @@ def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tm
     assert "run folder:" in resumed.stdout
 
 
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+@pytest.mark.slow
+def test_a_killed_serverapp_is_a_failed_run_that_resumes_with_the_same_rounds(tmp_path):
+    """The ServerApp process alone killed (SIGKILL) after the first round: the command reports the
+    failed Flower run (exit 2) and stops what it started; `--resume` continues from the last saved
+    round and ends with the rounds an uninterrupted run has."""
+    run_dir = tmp_path / "run"
+    flower = [*SMOKE, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=2", "--set", "state_every=1",
+              "--quiet", *NO_DROPOUT]
+    command = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *flower, "--set", f"run_dir={run_dir}"],
+                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()[1][-3000:]
+        time.sleep(0.2)
+    started = psutil.Process(command.pid).children(recursive=True)
+    [server] = [p for p in started if "flwr-serverapp" in command_line(p)]
+    server.kill()
+    _, err = command.communicate(timeout=300)
+    assert command.returncode == 2 and "ended" in err, err[-3000:]
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    saved = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= saved < 3 and not (run_dir / "summary.json").exists()
+    resumed = run_py(*flower, "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    reference = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'vectorized'}", "--set", "federated.backend=vectorized",
+                       "--quiet", *NO_DROPOUT)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    logs = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            for folder in (tmp_path / "vectorized", run_dir)]
+    assert [r["round"] for r in logs[1]] == [r["round"] for r in logs[0]] == [1, 2, 3]
+    for theirs, mine in zip(*logs):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
 def test_an_unreachable_superlink_is_a_clear_error_that_writes_nothing(tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
