@@ -79,8 +79,9 @@ def node_partitions(grid, nodes: int, timeout: float, config_text: str, data: di
 
 def serialized_size(message: Message) -> int:
     """Bytes of a message's content as Flower serializes it for the wire (its protobuf; the HTTP
-    framing and the message's metadata are not counted)."""
-    return recorddict_to_proto(message.content).ByteSize()
+    framing and the message's metadata are not counted; an error reply, e.g. for a node that is
+    gone, has no content)."""
+    return 0 if message.has_error() else recorddict_to_proto(message.content).ByteSize()
 
 
 class CountingGrid:
