@@ -4,8 +4,9 @@
     python benchmarks/flower_round.py --out docs/benchmarks-flower.json
     python benchmarks/flower_round.py --table docs/benchmarks-flower.json   # its table, from the file
 
-Each config runs as `run.py` stages, the two backends taking turns: `vectorized` in one process,
-`flower` on a SuperLink and `--nodes` SuperNodes that the command starts on loopback (docs/DEPLOY.md).
+Each config runs as `run.py` stages, the backends taking turns: `vectorized` in one process,
+`flower` on a SuperLink and `--nodes` SuperNodes that the command starts on loopback (docs/DEPLOY.md),
+without and with SecAgg+ (`federated.flower.secaggplus`).
 A round's time is `seconds` in metrics.jsonl, median over the rounds after the first that have no
 validation; the bytes are `bytes_up` (what the clients' updates hold, every backend) and, for
 `flower`, `wire_bytes` (the serialized messages to and from the nodes). Needs `make flower`.
@@ -25,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = {"smoke": "yamls/smoke.yaml", "demo stage 1": "yamls/demo/stage1.yaml"}
+# name -> (backend, its extra settings)
+BACKENDS = {"vectorized": ("vectorized", []), "flower": ("flower", []),
+            "flower, SecAgg+": ("flower", ["federated.flower.secaggplus=true"])}
 
 
 def table(result: dict) -> str:
@@ -34,17 +38,19 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         wire = (f"{row['wire_down_bytes'] / 1e6:.2f} / {row['wire_up_bytes'] / 1e6:.2f}"
                 if row["wire_down_bytes"] is not None else "–")
-        backend = row["backend"] + (f" ({row['nodes']} nodes)" if row["backend"] == "flower" else "")
+        backend = row["backend"] + (f" ({row['nodes']} nodes)" if row["nodes"] else "")
         lines.append(f"| {row['config']} | {row['clients_per_round']} | {backend} | {row['seconds_per_round']:.2f} | "
                      f"{row['bytes_up'] / 1e6:.2f} | {wire} |")
     return "\n".join(lines)
 
 
-def measure(config: str, backend: str, rounds: int, nodes: int, folder: Path) -> dict:
-    run_dir = folder / f"{Path(config).stem}-{backend}"
+def measure(config: str, name: str, rounds: int, nodes: int, folder: Path) -> dict:
+    backend, sets = BACKENDS[name]
+    run_dir = folder / f"{Path(config).stem}-{name.replace(', ', '-')}"
     command = [sys.executable, str(ROOT / "run.py"), "--config", config, "--set", f"run_dir={run_dir}",
                "--set", f"federated.backend={backend}", "--set", f"federated.rounds={rounds}",
-               "--set", f"eval.every={rounds}", "--set", f"federated.flower.nodes={nodes}", "--quiet"]
+               "--set", f"eval.every={rounds}", "--set", f"federated.flower.nodes={nodes}", "--quiet",
+               *(x for kv in sets for x in ("--set", kv))]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -52,7 +58,7 @@ def measure(config: str, backend: str, rounds: int, nodes: int, folder: Path) ->
     timed = [line for line in lines[1:] if "valid" not in line]
     wire = [line["wire_bytes"] for line in timed if "wire_bytes" in line]
     settings = json.loads((run_dir / "summary.json").read_text())
-    return {"backend": backend, "nodes": nodes if backend == "flower" else None, "rounds_timed": len(timed),
+    return {"backend": name, "nodes": nodes if backend == "flower" else None, "rounds_timed": len(timed),
             "seconds_per_round": statistics.median(line["seconds"] for line in timed),
             "bytes_up": statistics.median(line["bytes_up"] for line in timed),
             "wire_down_bytes": statistics.median(w["down"] for w in wire) if wire else None,
@@ -79,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flower-round-") as folder:
         for name, config in CONFIGS.items():
             clients = load_config(ROOT / config)["federated"]["clients_per_round"]
-            for backend in ("vectorized", "flower"):
+            for backend in BACKENDS:
                 row = {"config": name, "file": config, "clients_per_round": clients,
                        **measure(config, backend, args.rounds, args.nodes, Path(folder))}
                 rows.append(row)
