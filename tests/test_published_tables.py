@@ -12,33 +12,36 @@ import pytest
 from conftest import ROOT, tables_in
 from recbole_ext.analysis import compare, curves, report, results
 
-RECORDS = ROOT / "docs" / "results" / "federation-gap"
-PAGE = ROOT / "docs" / "FEDERATION.md"
+# records folder -> the page that quotes its tables
+PAGES = {ROOT / "docs" / "results" / "federation-gap": ROOT / "docs" / "FEDERATION.md",
+         ROOT / "docs" / "results" / "amazon-beauty-backbone": ROOT / "docs" / "RESULTS-BEAUTY.md"}
 
 
-def reprint(record: str) -> str:
-    data = json.loads((RECORDS / record).read_text())
-    if record.endswith("-curves.json"):
+def reprint(record) -> str:
+    data = json.loads(record.read_text())
+    if record.name.endswith("-curves.json"):
         return curves.table(data)
-    if "-compare-" in record:
+    if "compare-" in record.name:
         return compare.markdown(data["rows"], data["run_a"], data["run_b"], data["split"], data["bootstrap"])
     return results.tables(data)
 
 
-PUBLISHED = sorted(p.name for p in RECORDS.glob("*.json")) if RECORDS.is_dir() else []
+PUBLISHED = sorted(record for folder in PAGES if folder.is_dir() for record in folder.glob("*.json"))
 
 
-def test_there_are_published_tables():
-    assert PUBLISHED, f"{RECORDS}: no records"
+@pytest.mark.parametrize("folder", sorted(PAGES))
+def test_there_are_published_tables(folder):
+    assert list(folder.glob("*.json")), f"{folder}: no records"
 
 
-@pytest.mark.parametrize("record", PUBLISHED)
+@pytest.mark.parametrize("record", PUBLISHED, ids=lambda r: f"{r.parent.name}/{r.name}")
 def test_a_published_table_is_its_records_reprinted_and_quoted_on_its_page(record):
-    printed = (RECORDS / record.replace(".json", ".md")).read_text().strip()
-    assert reprint(record).strip() == printed, f"{record}: the committed table is not what its record prints"
-    page = tables_in(PAGE.read_text())  # whole tables: a row added by hand fails too
+    printed = record.with_suffix(".md").read_text().strip()
+    assert reprint(record).strip() == printed, f"{record.name}: the committed table is not what its record prints"
+    page = PAGES[record.parent]
+    quoted = tables_in(page.read_text())  # whole tables: a row added by hand fails too
     for table in tables_in(printed):
-        assert table in page, f"{PAGE.name} does not quote this table of {record} unchanged:\n{table}"
+        assert table in quoted, f"{page.name} does not quote this table of {record.name} unchanged:\n{table}"
 
 
 def test_the_readme_demo_table_is_its_record_reprinted():
