@@ -242,27 +242,17 @@ def test_what_a_secaggplus_server_receives_of_one_node_tells_the_attack_nothing(
     """`run.py attack`'s view under SecAgg+: the user's node's masked vector from a round of Flower's
     workflow and client mod (in this process). Its item rows score at chance, where the same users'
     plain uploads name their histories."""
-    from test_privacy import backend_for, with_federated
-    from recbole_ext.analysis.attack import auc_and_precision, item_scores, server_view
-    from recbole_ext.federated.privacy import ITEM_ROWS
+    from test_privacy import attack_aucs, with_federated
 
     built, _ = stage
     clients = built.windows.clients[:12]
     secure = with_federated(built.cfg, backend="flower", flower={**built.cfg["federated"]["flower"], "secaggplus": True})
-    results = {}
-    for name, settings in (("plain", built.cfg), ("secaggplus", secure)):
-        made, global_params = backend_for(stage, "sequential", settings)
-        rng, aucs = np.random.default_rng(0), {"row_norm": [], "row_sent": []}
-        for user in clients:
-            view, size = server_view(made, int(user), global_params, 7, clients)
-            in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
-            in_history[built.windows.history[user] - 1] = True
-            for score, values in item_scores(view[ITEM_ROWS]).items():
-                aucs[score].append(auc_and_precision(values, in_history, rng)[0])
-        results[name] = {score: float(np.mean(values)) for score, values in aucs.items()}
-        if name == "secaggplus":  # ring elements, every one of them sent
-            assert size >= 4 * sum(v.numel() for v in global_params.values())
-            assert set(np.unique(np.concatenate([v.numpy().ravel() % 1 for v in view.values()]))) == {0.0}
+    results = {"plain": attack_aucs(stage, built.cfg, clients)[0]}
+    results["secaggplus"], views = attack_aucs(stage, secure, clients)
+    numel = sum(v.numel() for v in views[0][0].values())
+    for view, size in views:  # ring elements, every one of them sent
+        assert size >= 4 * numel
+        assert not any(bool((v % 1).any()) for v in view.values())
     assert results["plain"]["row_norm"] > 0.9
     assert abs(results["secaggplus"]["row_norm"] - 0.5) < 0.08
     assert results["secaggplus"]["row_sent"] == 0.5  # every row of a masked vector is non-zero

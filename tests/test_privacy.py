@@ -181,21 +181,27 @@ def test_secure_aggregate_equals_the_plain_uniform_mean(stage, backend):
         built.model.float()
 
 
+def attack_aucs(stage, settings: dict, clients) -> tuple[dict, list]:
+    """The attack's mean AUC per item-row score over `clients`' uploads under `settings` (the round's
+    clients are `clients` too), and the server's (view, bytes) of each upload."""
+    built, _ = stage
+    made, global_params = backend_for(stage, "sequential", settings)
+    rng, aucs, views = np.random.default_rng(0), {"row_norm": [], "row_sent": []}, []
+    for user in clients:
+        views.append(server_view(made, int(user), global_params, 7, clients))
+        in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
+        in_history[built.windows.history[user] - 1] = True
+        for score, values in item_scores(views[-1][0][ITEM_ROWS]).items():
+            aucs[score].append(auc_and_precision(values, in_history, rng)[0])
+    return {score: float(np.mean(values)) for score, values in aucs.items()}, views
+
+
 def test_a_single_masked_upload_tells_the_attack_nothing_a_sparse_one_much(stage):
     built, _ = stage
     clients = built.windows.clients[:12]
-    results = {}
-    for name, settings in (("sparse", with_federated(built.cfg, sparse_uploads=True)),
-                           ("secure", with_federated(built.cfg, secure_aggregation=True))):
-        made, global_params = backend_for(stage, "sequential", settings)
-        rng, aucs = np.random.default_rng(0), {"row_norm": [], "row_sent": []}
-        for user in clients:
-            view, _ = server_view(made, int(user), global_params, 7, clients)
-            in_history = np.zeros(built.windows.n_items - 1, dtype=bool)
-            in_history[built.windows.history[user] - 1] = True
-            for score, values in item_scores(view[ITEM_ROWS]).items():
-                aucs[score].append(auc_and_precision(values, in_history, rng)[0])
-        results[name] = {score: float(np.mean(values)) for score, values in aucs.items()}
+    results = {name: attack_aucs(stage, settings, clients)[0]
+               for name, settings in (("sparse", with_federated(built.cfg, sparse_uploads=True)),
+                                      ("secure", with_federated(built.cfg, secure_aggregation=True)))}
     assert results["sparse"]["row_norm"] > 0.9
     # The ids a sparse upload sends are the history and the sampled negatives: a leak of their own.
     assert results["sparse"]["row_sent"] > 0.6
