@@ -104,6 +104,19 @@ def test_the_backend_outside_a_serverapp_is_refused():
         FlowerBackend(None, None, {})
 
 
+def started_until_a_round(args: list, run_dir: Path) -> tuple[subprocess.Popen, list]:
+    """run.py with `args`, left running once its first round is in metrics.jsonl; and the processes it
+    had started by then."""
+    command = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()[0][-3000:]
+        time.sleep(0.2)
+    return command, psutil.Process(command.pid).children(recursive=True)
+
+
 @pytest.mark.slow
 def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tmp_path):
     """Three smoke rounds on 4 SuperNodes, interrupted (Ctrl-C) after the first and resumed: every
@@ -116,14 +129,7 @@ def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tm
     run_dir = tmp_path / "flower"
     flower = [*SMOKE, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=4",
               "--quiet", *NO_DROPOUT]
-    command = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *flower, "--set", f"run_dir={run_dir}"],
-                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
-        assert command.poll() is None and time.monotonic() < deadline, command.communicate()[0][-3000:]
-        time.sleep(0.2)
-    started = psutil.Process(command.pid).children(recursive=True)
+    command, started = started_until_a_round([*flower, "--set", f"run_dir={run_dir}"], run_dir)
     assert len(started) >= 6  # the SuperLink, 4 SuperNodes, the ServerApp (and the flwr CLI's calls)
     command.send_signal(signal.SIGINT)
     command.communicate(timeout=60)
@@ -163,18 +169,11 @@ def test_a_killed_serverapp_is_a_failed_run_that_resumes_with_the_same_rounds(tm
     run_dir = tmp_path / "run"
     flower = [*SMOKE, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=2", "--set", "state_every=1",
               "--quiet", *NO_DROPOUT]
-    command = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *flower, "--set", f"run_dir={run_dir}"],
-                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
-        assert command.poll() is None and time.monotonic() < deadline, command.communicate()[1][-3000:]
-        time.sleep(0.2)
-    started = psutil.Process(command.pid).children(recursive=True)
+    command, started = started_until_a_round([*flower, "--set", f"run_dir={run_dir}"], run_dir)
     [server] = [p for p in started if "flwr-serverapp" in command_line(p)]
     server.kill()
-    _, err = command.communicate(timeout=300)
-    assert command.returncode == 2 and "ended" in err, err[-3000:]
+    out, _ = command.communicate(timeout=300)
+    assert command.returncode == 2 and "ended" in out, out[-3000:]
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     saved = len((run_dir / "metrics.jsonl").read_text().splitlines())
     assert 1 <= saved < 3 and not (run_dir / "summary.json").exists()
