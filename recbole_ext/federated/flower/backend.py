@@ -146,8 +146,8 @@ class FlowerBackend:
         for partition, node in sorted(self.nodes.items()):
             mine = clients[owner == partition]
             if len(mine):
-                content = records.train_request(global_params, mine, round_clients, round_seed, partition,
-                                                self.config_text)
+                content = records.train_request(global_params, records.round_settings(
+                    mine, round_clients, round_seed, partition, self.config_text))
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = exchange(self.grid, messages, self.timeout)
         failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
@@ -168,9 +168,8 @@ class FlowerBackend:
         """The round through Flower's SecAgg+ workflow: the server sees only the nodes' masked vectors
         and their unmasked sum; a node that leaves mid-round is dropped and its masks recovered."""
         flower = self.settings["federated"]["flower"]
-        requests = {node: {"clients": [int(c) for c in clients[owner == partition]],
-                           "round_clients": [int(c) for c in round_clients], "round_seed": int(round_seed),
-                           "partition": partition, "round": self.rounds_run, "config": self.config_text}
+        requests = {node: {**records.round_settings(clients[owner == partition], round_clients, round_seed,
+                                                    partition, self.config_text), "round": self.rounds_run}
                     for partition, node in sorted(self.nodes.items()) if (owner == partition).any()}
         if len(requests) < flower["threshold"]:
             raise UserError(f"round {self.rounds_run} has clients on {len(requests)} node(s), fewer than "

@@ -11,16 +11,19 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from ..aggregate import RoundSums
 
 
-def train_request(global_params: dict, clients, round_clients, round_seed: int, partition: int,
-                  config_text: str) -> RecordDict:
-    """The global trainable parameters, the clients this node trains, and the run's resolved config
-    (the node builds the same model from it)."""
+def round_settings(clients, round_clients, round_seed: int, partition: int, config_text: str) -> dict:
+    """What a node needs besides the parameters: the clients it trains, the round's clients (the mask
+    partners), the round's seed, its partition, and the run's resolved config (the node builds the
+    same model from it)."""
+    return {"clients": [int(c) for c in clients], "round_clients": [int(c) for c in round_clients],
+            "round_seed": int(round_seed), "partition": int(partition), "config": config_text}
+
+
+def train_request(global_params: dict, settings: dict) -> RecordDict:
+    """The global trainable parameters and the node's `round_settings`."""
     return RecordDict({
         "params": ArrayRecord({name: value.detach().cpu() for name, value in global_params.items()}),
-        "round": ConfigRecord({"clients": [int(c) for c in clients],
-                               "round_clients": [int(c) for c in round_clients],
-                               "round_seed": int(round_seed), "partition": int(partition),
-                               "config": config_text}),
+        "round": ConfigRecord(settings),
     })
 
 

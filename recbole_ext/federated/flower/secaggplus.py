@@ -51,7 +51,7 @@ def error_bound(flower: dict, nodes: int) -> float:
 def node_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's SecAgg+ client mod for the messages of a SecAgg+ round (they carry its config record),
     none for the others, so one ClientApp serves runs with and without it."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
+    if is_secaggplus(msg):
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -127,37 +127,43 @@ class _RoundStrategy:
         return None, {}
 
 
-def run_round(grid, requests: dict, global_params: dict, round_number: int, round_clients: int,
-              flower: dict, timeout: float):
-    """One SecAgg+ round over `requests` {node id: the round's settings for that node (JSON-able)};
-    returns (the round's RoundSums with plain float sums, {node id: clients} of the nodes that finished)."""
+def run_workflow(grid, fit_ins: dict, round_number: int, flower: dict, timeout: float | None = None) -> list:
+    """One round of Flower's SecAgg+ workflow over `fit_ins` {node id: its FitIns} on `grid`; the
+    (proxy, FitRes) of the nodes that finished, each FitRes carrying the unmasked mean (empty: the
+    workflow halted)."""
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
 
-    names = list(global_params)
-    parameters = ndarrays_to_parameters([global_params[n].detach().cpu().numpy() for n in names])
-    strategy = _RoundStrategy({node: FitIns(parameters, {"round": json.dumps({**settings, "names": names})})
-                               for node, settings in requests.items()})
+    strategy = _RoundStrategy(fit_ins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: round_number}),
                         MAIN_PARAMS_RECORD: ArrayRecord()})
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                             strategy=strategy)
-    workflow = SecAggPlusWorkflow(flower["shares"], flower["threshold"], max_weight=1.0,
-                                  clipping_range=flower["clipping_range"],
-                                  quantization_range=flower["quantization_range"],
-                                  modulus_range=SECAGGPLUS_RING, timeout=timeout)
-    workflow(grid, context)
-    if not strategy.results:
+    SecAggPlusWorkflow(flower["shares"], flower["threshold"], max_weight=1.0, clipping_range=flower["clipping_range"],
+                       quantization_range=flower["quantization_range"], modulus_range=SECAGGPLUS_RING,
+                       timeout=timeout)(grid, context)
+    return strategy.results or []
+
+
+def run_round(grid, requests: dict, global_params: dict, round_number: int, round_clients: int,
+              flower: dict, timeout: float):
+    """One SecAgg+ round over `requests` {node id: the round's settings for that node (JSON-able)};
+    returns (the round's RoundSums with plain float sums, {node id: clients} of the nodes that finished)."""
+    names = list(global_params)
+    parameters = ndarrays_to_parameters([global_params[n].detach().cpu().numpy() for n in names])
+    results = run_workflow(grid, {node: FitIns(parameters, {"round": json.dumps({**settings, "names": names})})
+                                  for node, settings in requests.items()}, round_number, flower, timeout)
+    if not results:
         raise UserError(f"SecAgg+ could not finish round {round_number}: fewer than federated.flower.threshold "
                         f"({flower['threshold']}) of its {len(requests)} nodes stayed (the ServerApp's log names the stage)")
-    finished = {proxy.node_id: res for proxy, res in strategy.results}
-    mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
+    finished = {proxy.node_id: res for proxy, res in results}
+    mean = parameters_to_ndarrays(results[0][1].parameters)
     scale = len(finished) * round_clients
     update = {n: torch.from_numpy(mean[i] * scale).to(global_params[n].dtype).reshape(global_params[n].shape)
               for i, n in enumerate(names)}
-    stat_shapes = json.loads(strategy.results[0][1].metrics["stats"])
+    stat_shapes = json.loads(results[0][1].metrics["stats"])
     stats = {k: torch.from_numpy(mean[len(names) + i] * scale * STATS_RANGE).reshape(shape)
              for i, (k, shape) in enumerate(stat_shapes.items())}
     clients = {node: int(res.metrics["clients"]) for node, res in finished.items()}
@@ -202,11 +208,6 @@ def masked_upload(update: dict, flower: dict, nodes: int = 3) -> tuple[dict, int
     """(name -> what a SecAgg+ server receives of `update`, one node's sums already scaled into the
     clipping range: the node's masked ring elements; their bytes), from a round of Flower's workflow
     and client mod with `nodes` nodes (the others send zeros), run in this process."""
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-    from flwr.server.workflow.constant import Key as WorkflowKey
-
     from flwr.supercore.task_identity import TaskIdentity
 
     if TaskIdentity._run_id is None:  # outside a ServerApp this process plays the run's server
@@ -214,17 +215,10 @@ def masked_upload(update: dict, flower: dict, nodes: int = 3) -> tuple[dict, int
     names = list(update)
     mine = [update[n].detach().cpu().double().numpy() for n in names]
     grid = _LoopbackGrid({node: [v * (node == 1) for v in mine] for node in range(1, nodes + 1)})
-    strategy = _RoundStrategy({node: FitIns(Parameters([], ""), {}) for node in grid.vectors})
-    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: 1}),
-                        MAIN_PARAMS_RECORD: ArrayRecord()})
-    workflow = SecAggPlusWorkflow(flower["shares"], flower["threshold"], max_weight=1.0,
-                                  clipping_range=flower["clipping_range"],
-                                  quantization_range=flower["quantization_range"], modulus_range=SECAGGPLUS_RING)
     flwr_log = logging.getLogger("flwr")
     level, flwr_log.level = flwr_log.level, logging.WARNING  # its progress lines, once per attacked user
     try:
-        workflow(grid, LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
-                                     strategy=strategy))
+        run_workflow(grid, {node: FitIns(Parameters([], ""), {}) for node in grid.vectors}, 1, flower)
     finally:
         flwr_log.level = level
     received = grid.received[1]
