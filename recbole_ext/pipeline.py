@@ -109,12 +109,27 @@ class Split:
                                     cfg["eval"]["sample_users"])
 
 
+def build_model(cfg: dict, rb_config, dataset, side, item_tokens, where: str):
+    """(the config's model with its checkpoints' groups loaded and its trainable set applied, {group:
+    checkpoint}); `side`: its features and memory (None: from `dataset`, a UR4RecDataset). Built on
+    the CPU and then moved, so a run starts from the same weights on every device."""
+    from recbole.utils import init_seed
+
+    from .model.ur4rec_moe import UR4RecMoE
+    from . import stages
+
+    init_seed(cfg["seed"], True)
+    model = UR4RecMoE(rb_config, dataset, side)
+    loaded = stages.load_groups(model, cfg["load"], stages.vocabulary_fingerprint(item_tokens))
+    stages.apply_trainable(model, cfg["trainable"], where)
+    model.set_precision(cfg["precision"])
+    return model.to(cfg["device"]), loaded
+
+
 class Stage:
     """Everything a stage needs, built and checked; `run()` trains, tests and writes the run folder."""
 
     def __init__(self, cfg: dict, where: str):
-        from recbole.utils import init_seed
-
         from .data.sequences import build_training_windows
         from .federated.privacy import check_settings as check_privacy_settings
         from .model.ur4rec_moe import UR4RecMoE
@@ -125,18 +140,12 @@ class Stage:
         data = cfg["data"]
         split = Split.load(cfg, where, UR4RecMoE, recbole_settings(cfg))
         self.rb_config, self.dataset, self.item_tokens = split.rb_config, split.dataset, split.item_tokens
-        init_seed(cfg["seed"], True)
         # Features and memory come from the dataset (data.*_features, model.memory via recbole_settings).
-        # Built on the CPU and then moved, so a run starts from the same weights on every device.
-        self.model = UR4RecMoE(self.rb_config, self.dataset)
+        self.model, self.loaded = build_model(cfg, self.rb_config, self.dataset, None, self.item_tokens, where)
         self.fingerprint = stages.vocabulary_fingerprint(self.item_tokens)
-        self.loaded = stages.load_groups(self.model, cfg["load"], self.fingerprint)
-        stages.apply_trainable(self.model, cfg["trainable"], where)
         if cfg["trainer"] == "federated":  # a bad server_lr_groups pattern stops the run before it starts
             stages.check_server_rate_patterns(self.model, cfg["federated"], where)
             check_privacy_settings(cfg, where)
-        self.model.set_precision(cfg["precision"])
-        self.model.to(cfg["device"])
         windows = build_training_windows(self.dataset, split.train.dataset, data["max_seq_length"])
         self.gradientless = stages.freeze_gradientless(self.model, windows)
         self.windows = windows.to(cfg["device"])

@@ -30,10 +30,11 @@ NO_DROPOUT = ["--set", "model.hidden_dropout_prob=0.0", "--set", "model.attn_dro
 SMOKE = ["--config", "yamls/smoke.yaml", "--set", f"data.path={recbole_example_dir()}"]  # ML-100K in RecBole's package
 
 
-def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_py(*args: str, timeout: float = 300, prog: str | None = None) -> subprocess.CompletedProcess:
+    """run.py with `args` (after the subcommand `prog`, if given)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *([prog] if prog else []), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("modulus", [None, 2 ** 40])
@@ -82,21 +83,19 @@ def test_dropping_a_node_is_refused_under_secure_aggregation_and_when_none_is_le
         merge_checked([(0, 11, node_sums(float("nan")))], GLOBAL, RoundSums.zeros(GLOBAL))
 
 
-def test_a_node_with_other_data_is_told_apart_by_its_summary():
-    from types import SimpleNamespace
-
-    ours = records.data_summary(SimpleNamespace(num_targets=np.array([0, 3, 5, 2]), n_items=100))
-    assert ours["items"] == 100 and ours["users"] == 4 and ours["positions"] == 10
+def test_a_nodes_other_data_is_named_in_the_refusal():
+    ours = {"items": 100, "users": 4, "positions": 10, "digest": "aaaa"}
     assert records.data_mismatch(dict(ours), ours) is None
-    for other in ([0, 3, 5, 2], 90), ([0, 5, 3, 2], 100), ([0, 3, 5], 100):
-        theirs = records.data_summary(SimpleNamespace(num_targets=np.array(other[0]), n_items=other[1]))
-        said = records.data_mismatch(theirs, ours)
-        assert said and f"digest {theirs['digest']}" in said and f"digest {ours['digest']}" in said
+    said = records.data_mismatch({**ours, "positions": 9, "digest": "bbbb"}, ours)
+    assert "its data has 100 items, 4 users, 9 training positions (digest bbbb)" in said
+    assert "the run's 100 items, 4 users, 10 training positions (digest aaaa)" in said
 
 
-def test_users_are_dealt_to_the_nodes_round_robin():
-    owners = records.partition_of(np.arange(1, 11), 4)
-    assert owners.tolist() == [1, 2, 3, 0, 1, 2, 3, 0, 1, 2]
+def node_data_files(folder: Path, nodes: int, *sets: str) -> list[Path]:
+    """The smoke run's node-data files for `nodes` SuperNodes, as `run.py node-data` writes them."""
+    result = run_py(*SMOKE, "--set", f"federated.flower.nodes={nodes}", *sets, "--out", str(folder), prog="node-data")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [folder / f"node-{index}.npz" for index in range(nodes)]
 
 
 def test_the_backend_outside_a_serverapp_is_refused():
@@ -202,25 +201,20 @@ def test_an_unreachable_superlink_is_a_clear_error_that_writes_nothing(tmp_path)
 
 @pytest.mark.slow
 def test_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path):
-    """A SuperLink and two SuperNodes started as an operator would (docs/DEPLOY.md), node 1 reading
-    its data from a folder where one user has fewer interactions: the run is refused before its first
-    round, naming that node's partition."""
-    other = tmp_path / "other-data" / "ml-100k"
-    other.mkdir(parents=True)
-    lines = (Path(recbole_example_dir()) / "ml-100k" / "ml-100k.inter").read_text().splitlines()
-    first_user = lines[1].split("\t")[0]
-    dropped = next(i for i, line in enumerate(lines[1:], 1) if line.split("\t")[0] == first_user)
-    (other / "ml-100k.inter").write_text("\n".join(lines[:dropped] + lines[dropped + 1:]) + "\n")
+    """A SuperLink and two SuperNodes started as an operator would (docs/DEPLOY.md), node 1 holding
+    its partition of a version of the data without one of its users: the run is refused before its
+    first round, naming that node's partition."""
+    files = node_data_files(tmp_path / "nodes", 2)
+    files[1] = node_data_files(tmp_path / "other", 2, "--set", "data.max_users=38")[1]  # user 39 is node 1's
     env = flower_env(tmp_path / "home", threads=1)
     port = free_port()
     processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        for index, data in ((0, None), (1, tmp_path / "other-data")):
-            node_config = f"partition-id={index} num-partitions=2" + (f' data-path="{data}"' if data else "")
+        for index, data in enumerate(files):
             processes.append(subprocess.Popen(
                 [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),
+                 "--node-config", f'node-data="{data}"'], env=flower_env(tmp_path / f"home-{index}", threads=1),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         result = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'run'}", "--set",
                         "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
@@ -294,13 +288,14 @@ def test_a_supernode_killed_mid_round_leaves_a_round_that_secaggplus_completes(t
     its keys and before it sent its masked vector (its `drop-at-round` drill). SecAgg+ recovers its
     masks from the others' shares: the round completes on the other two nodes' clients, and
     metrics.jsonl names the dropout."""
+    files = node_data_files(tmp_path / "nodes", 3)
     env = flower_env(tmp_path / "home", threads=1)
     port = free_port()
     processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         for index in range(3):
-            node_config = f"partition-id={index} num-partitions=3" + (" drop-at-round=2" if index == 2 else "")
+            node_config = f'node-data="{files[index]}"' + (" drop-at-round=2" if index == 2 else "")
             processes.append(subprocess.Popen(
                 [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                  "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),

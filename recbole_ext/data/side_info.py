@@ -47,9 +47,14 @@ def build_side_info(dataset, text_features: str | None, image_features: str | No
     if image_features:
         side.image, side.image_available = load_item_features(image_features, item_tokens, image_dim, known)
     if memory is not None:
-        parts = [torch.nn.functional.normalize(f, dim=1) for f, a in
-                 ((side.image, side.image_available), (side.text, side.text_available)) if a.any()]
-        features = torch.cat(parts, dim=1) if parts else torch.zeros(len(item_tokens), 1)
-        side.memory = torch.from_numpy(build_memory(dataset.sequence_offsets, dataset.sequence_items,
-                                                    features.numpy(), memory))
+        side.memory = memory_table(side, dataset.sequence_offsets, dataset.sequence_items, memory)
     return side
+
+
+def memory_table(side: SideInfo, offsets, items, memory: MemoryConfig) -> torch.Tensor:
+    """Every user's memory at every position of their sequence (`items[offsets[u]:offsets[u + 1]]`),
+    with the similarities of `side`'s available features (all of them, each modality unit-normed)."""
+    parts = [torch.nn.functional.normalize(f, dim=1) for f, a in
+             ((side.image, side.image_available), (side.text, side.text_available)) if a.any()]
+    features = torch.cat(parts, dim=1) if parts else torch.zeros(len(side.text), 1)
+    return torch.from_numpy(build_memory(offsets, items, features.numpy(), memory))

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from ...config import dump
+from ...data import node_data
 from ...errors import UserError
 from . import records, secaggplus
 
@@ -45,11 +46,12 @@ def exchange(grid, messages: list, timeout: float) -> list:
     return replies
 
 
-def node_partitions(grid, nodes: int, timeout: float, config_text: str, data: dict,
+def node_partitions(grid, nodes: int, timeout: float, config_text: str, windows,
                     join_timeout: float) -> dict[int, int]:
     """{partition id: node id} of the run's `nodes` SuperNodes. The server cannot read a node's
-    node_config, so it asks each node which partition it holds, and what data the run's config
-    (`config_text`) loads there, which must be `data` (records.data_summary)."""
+    node_config, so it asks each node which partition it holds, and what its data is under the run's
+    config (`config_text`), which must be that partition of the run's training `windows`
+    (node_data.partition_summary)."""
     deadline = time.monotonic() + join_timeout
     while len(node_ids := sorted(grid.get_node_ids())) < nodes:
         if time.monotonic() > deadline:
@@ -67,7 +69,8 @@ def node_partitions(grid, nodes: int, timeout: float, config_text: str, data: di
         if int(info["partitions"]) != nodes:
             raise UserError(f"SuperNode {reply.metadata.src_node_id} holds partition {info['partition']} of "
                             f"{info['partitions']}, but the run has {nodes} nodes")
-        mismatch = records.data_mismatch({key: info[key] for key in data}, data)
+        ours = node_data.partition_summary(windows, int(info["partition"]), nodes)
+        mismatch = records.data_mismatch({key: info[key] for key in ours}, ours)
         if mismatch:
             raise UserError(f"SuperNode {reply.metadata.src_node_id} (partition {info['partition']}) does not hold "
                             f"the run's data: {mismatch}")
@@ -125,7 +128,7 @@ class FlowerBackend:
         self.timeout = flower["round_timeout"]
         self.config_text = dump(settings)
         self.nodes = node_partitions(self.grid, flower["nodes"], self.timeout, self.config_text,
-                                     records.data_summary(windows), flower["start_timeout"])
+                                     windows, flower["start_timeout"])
         # the last round's message bytes {"down", "up"} and the nodes whose answers were dropped, for
         # its metrics line (`round_extra`)
         self.wire_bytes, self.dropped = None, []
@@ -137,7 +140,7 @@ class FlowerBackend:
 
         clients = np.asarray(clients)
         round_clients = clients if round_clients is None else np.asarray(round_clients)
-        owner = records.partition_of(clients, len(self.nodes))
+        owner = node_data.partition_of(clients, len(self.nodes))
         self.rounds_run += 1
         self.grid.down = self.grid.up = 0
         if self.settings["federated"]["flower"]["secaggplus"]:

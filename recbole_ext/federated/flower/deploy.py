@@ -1,9 +1,9 @@
 """Run a stage on Flower's deployment engine from the command line (`federated.backend: flower`).
 
 By default the command starts a SuperLink and `federated.flower.nodes` SuperNodes as local processes
-on the loopback address, node i holding partition i of the users; with `federated.flower.address` it
-submits to a SuperLink that already runs there (its SuperNodes started by their operators, docs/
-DEPLOY.md). It submits the Flower App in `app/` with `flwr run`, follows the run folder the ServerApp
+on the loopback address, node i holding partition i of the users (the node-data file the command
+writes for it, and nothing else); with `federated.flower.address` it submits to a SuperLink that
+already runs there (its SuperNodes started by their operators, docs/DEPLOY.md). It submits the Flower App in `app/` with `flwr run`, follows the run folder the ServerApp
 writes, and stops what it started, also when the run fails or is interrupted.
 """
 from __future__ import annotations
@@ -71,8 +71,9 @@ class Deployment:
     """The SuperLink and SuperNodes this command started (none when it joins `address`), and the flwr
     command line's connection to the SuperLink."""
 
-    def __init__(self, flower: dict, work: Path):
-        self.flower, self.work, self.processes = flower, work, []
+    def __init__(self, flower: dict, work: Path, node_files: list[Path] = ()):
+        """`node_files`: the node-data file of each partition, for the SuperNodes it starts."""
+        self.flower, self.work, self.node_files, self.processes = flower, work, list(node_files), []
         self.address = flower["address"]
 
     def __enter__(self) -> "Deployment":
@@ -118,13 +119,12 @@ class Deployment:
                            flower_env(self.work / "home-superlink"))
         self._wait_healthy("superlink", link, port)
         self.address = f"127.0.0.1:{port}"
-        nodes = self.flower["nodes"]
         started = []
-        for index in range(nodes):
+        for index, data in enumerate(self.node_files):
             node_port = free_port()
             node = self._spawn(f"supernode-{index}", [
                 tool("flower-supernode"), "--insecure", "--superlink", self.address, "--host", "127.0.0.1",
-                "--port", str(node_port), "--node-config", f"partition-id={index} num-partitions={nodes}"],
+                "--port", str(node_port), "--node-config", f"node-data={toml_value(str(data))}"],
                 flower_env(self.work / f"home-supernode-{index}", threads=1))
             started.append((index, node, node_port))
         for index, node, node_port in started:
@@ -210,7 +210,12 @@ def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progres
     # a plain `kill` must stop the processes this command started too, not orphan them
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with Deployment(flower, work) as deployment:
+        node_files = []
+        if flower["address"] is None:  # the nodes started here hold their partitions' data, nothing more
+            from ...nodes import write_node_data
+
+            node_files = write_node_data(cfg, where, work / "node-data")
+        with Deployment(flower, work, node_files) as deployment:
             run_id = deployment.submit({"config-file": str(config_file), "where": where, "resume": resume,
                                         "overwrite": overwrite})
             bar = tqdm(total=cfg["federated"]["rounds"], desc=f"rounds (Flower run {run_id})", unit="round",

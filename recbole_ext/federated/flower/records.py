@@ -2,9 +2,6 @@
 node's clients one way, the node's `RoundSums` the other."""
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -53,24 +50,8 @@ def read_sums(content: RecordDict, device) -> RoundSums:
                      None if modulus < 0 else modulus)
 
 
-def partition_of(clients: np.ndarray, partitions: int) -> np.ndarray:
-    """Which node holds each user: user ids dealt round-robin over the partitions, so every node holds
-    about as many users (and, users being in no particular order, as much work)."""
-    return np.asarray(clients) % partitions
-
-
-def data_summary(windows) -> dict:
-    """What a node's training data must share with the server's: the item count, the users and their
-    training positions (and a digest of every user's count), so a node that loaded another dataset,
-    or another version of it, is told apart before it trains."""
-    counts = np.ascontiguousarray(windows.num_targets, dtype=np.int64)
-    digest = hashlib.sha256(counts.tobytes() + int(windows.n_items).to_bytes(8, "little")).hexdigest()[:16]
-    return {"items": int(windows.n_items), "users": int(len(counts)), "positions": int(counts.sum()),
-            "digest": digest}
-
-
 def data_mismatch(theirs: dict, ours: dict) -> str | None:
-    """How a node's `data_summary` differs from the server's (None: it does not)."""
+    """How a node's `node_data.partition_summary` differs from the server's (None: it does not)."""
     if theirs == ours:
         return None
     def said(d):
