@@ -111,6 +111,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, tuple[Callable[[Any], bool], str
     "federated.ray_gpus_per_worker": ((float,), False, _non_negative),
     "federated.flower.nodes": ((int,), False, _positive),
     "federated.flower.address": ((str,), True, None),
+    "federated.flower.root_certificates": ((str,), True, None),
     "federated.flower.start_timeout": ((float,), False, _positive),
     "federated.flower.round_timeout": ((float,), False, _positive),
     "federated.flower.secaggplus": ((bool,), False, None),

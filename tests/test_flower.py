@@ -74,6 +74,15 @@ def test_a_nodes_unusable_answer_is_dropped_and_the_round_goes_on_without_it(bad
     assert torch.equal(total.update["item_embedding.weight"], torch.full((4, 3), 3.0))
 
 
+def test_a_node_that_failed_or_gave_no_reply_is_dropped_with_the_others_summed():
+    lost = [{"partition": 0, "node": 11, "clients": 4, "reason": "it gave no reply within 600 s"}]
+    total, dropped = merge_checked([(1, 12, node_sums(1.0)), (2, 13, node_sums(2.0))], GLOBAL,
+                                   RoundSums.zeros(GLOBAL), lost)
+    assert dropped == lost and (total.weight, total.clients) == (4.0, 4)
+    with pytest.raises(UserError, match=r"node 11 \(partition 0\): it gave no reply.*no node's update was usable"):
+        merge_checked([], GLOBAL, RoundSums.zeros(GLOBAL), lost)
+
+
 def test_dropping_a_node_is_refused_under_secure_aggregation_and_when_none_is_left():
     masked = RoundSums({n: torch.zeros_like(v, dtype=torch.int64) for n, v in GLOBAL.items()}, modulus=2 ** 40)
     bad = RoundSums({n: torch.zeros(1, dtype=torch.int64) for n in GLOBAL}, {}, 1.0, 1, 8, 2 ** 40)
@@ -199,28 +208,68 @@ def test_an_unreachable_superlink_is_a_clear_error_that_writes_nothing(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def tls_certificates(folder: Path) -> dict:
+    """A CA, and a certificate it signed for 127.0.0.1 with its key: {"ca", "server", "server-key"} PEM paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = lambda text: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def certificate(subject: str, key, ca_key, is_ca: bool):
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("test CA"))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+        if not is_ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    paths = {part: folder / f"{part}.pem" for part in ("ca", "server", "server-key")}
+    paths["ca"].write_bytes(certificate("test CA", ca_key, ca_key, True))
+    paths["server"].write_bytes(certificate("127.0.0.1", key, ca_key, False))
+    paths["server-key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    return paths
+
+
 @pytest.mark.slow
-def test_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path):
-    """A SuperLink and two SuperNodes started as an operator would (docs/DEPLOY.md), node 1 holding
-    its partition of a version of the data without one of its users: the run is refused before its
-    first round, naming that node's partition."""
+def test_over_tls_a_supernode_with_other_data_is_refused_at_the_start_and_named(tmp_path):
+    """An operator's deployment (docs/DEPLOY.md): a SuperLink with a TLS certificate and two SuperNodes
+    that trust its CA, node 1 holding its partition of a version of the data without one of its users.
+    Without `root_certificates` the command cannot submit and says what is missing; with it, the run
+    is submitted over TLS, both nodes answer over TLS, and the run is refused before its first round,
+    naming node 1's partition."""
     files = node_data_files(tmp_path / "nodes", 2)
     files[1] = node_data_files(tmp_path / "other", 2, "--set", "data.max_users=38")[1]  # user 39 is node 1's
+    tls = tls_certificates(tmp_path)
     env = flower_env(tmp_path / "home", threads=1)
     port = free_port()
-    processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    processes = [subprocess.Popen([tool("flower-superlink"), "--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile",
+                                   str(tls["server"]), "--ssl-keyfile", str(tls["server-key"]), "--host", "127.0.0.1",
+                                   "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    deploy = [*SMOKE, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.backend=flower", "--set",
+              f"federated.flower.address=127.0.0.1:{port}", "--set", "federated.flower.nodes=2", "--set",
+              "federated.flower.start_timeout=120.0"]
     try:
         for index, data in enumerate(files):
             processes.append(subprocess.Popen(
-                [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--node-config", f'node-data="{data}"'], env=flower_env(tmp_path / f"home-{index}", threads=1),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        result = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'run'}", "--set",
-                        "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
-                        "--set", "federated.flower.nodes=2", "--set", "federated.flower.start_timeout=120.0", timeout=400)
+                [tool("flower-supernode"), "--root-certificates", str(tls["ca"]), "--superlink", f"127.0.0.1:{port}",
+                 "--port", str(free_port()), "--node-config", f'node-data="{data}"'],
+                env=flower_env(tmp_path / f"home-{index}", threads=1), stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        plain = run_py(*deploy, timeout=200)
+        result = run_py(*deploy, "--set", f"federated.flower.root_certificates={tls['ca']}", timeout=400)
     finally:
         stop_all(processes)  # the ServerApp too
+    assert plain.returncode == 2 and "needs federated.flower.root_certificates" in plain.stderr, plain.stderr[-2000:]
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "(partition 1) does not hold the run's data" in result.stderr
     assert "(partition 0)" not in result.stderr
@@ -282,26 +331,55 @@ def test_secaggplus_gives_the_plain_mean_within_its_quantization_bound(tmp_path)
     assert secure_round["wire_bytes"]["up"] > 4 * secure_round["trainable_params"]
 
 
+def operator_nodes(tmp_path: Path, nodes: int, drop: int) -> tuple[str, list]:
+    """A SuperLink and `nodes` SuperNodes started as an operator would, the last one drilled to leave
+    in round `drop`: (the SuperLink's address, the processes, SuperLink first)."""
+    files = node_data_files(tmp_path / "nodes", nodes)
+    port = free_port()
+    processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=flower_env(tmp_path / "home", threads=1), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)]
+    for index in range(nodes):
+        node_config = f'node-data="{files[index]}"' + (f" drop-at-round={drop}" if index == nodes - 1 else "")
+        processes.append(subprocess.Popen(
+            [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+             "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return f"127.0.0.1:{port}", processes
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_dropped_and_the_round_goes_on(tmp_path):
+    """Without secure aggregation: the third of 3 SuperNodes is killed when round 2's train message
+    reaches it. The round goes on with the other two nodes' clients, and metrics.jsonl names the node."""
+    address, processes = operator_nodes(tmp_path, 3, drop=2)
+    try:
+        result = run_py(*SMOKE, *NO_DROPOUT, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
+                        "--set", "federated.backend=flower", "--set", f"federated.flower.address={address}",
+                        "--set", "federated.flower.nodes=3", "--set", "federated.flower.round_timeout=120.0",
+                        "--set", "federated.flower.start_timeout=120.0", "--quiet", timeout=900)
+        assert processes[3].poll() is not None  # the drill killed that SuperNode
+    finally:
+        stop_all(processes)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["dropped_nodes"] == []
+    [drop] = rounds[1]["dropped_nodes"]
+    assert drop["partition"] == 2 and drop["clients"] > 0
+    assert "failed" in drop["reason"] or "no reply" in drop["reason"]
+    assert np.isfinite(rounds[1]["loss"])
+
+
 @pytest.mark.slow
 def test_a_supernode_killed_mid_round_leaves_a_round_that_secaggplus_completes(tmp_path):
     """Three SuperNodes started as an operator would; the third is killed in round 2 after it shared
     its keys and before it sent its masked vector (its `drop-at-round` drill). SecAgg+ recovers its
     masks from the others' shares: the round completes on the other two nodes' clients, and
     metrics.jsonl names the dropout."""
-    files = node_data_files(tmp_path / "nodes", 3)
-    env = flower_env(tmp_path / "home", threads=1)
-    port = free_port()
-    processes = [subprocess.Popen([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    address, processes = operator_nodes(tmp_path, 3, drop=2)
     try:
-        for index in range(3):
-            node_config = f'node-data="{files[index]}"' + (" drop-at-round=2" if index == 2 else "")
-            processes.append(subprocess.Popen(
-                [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--node-config", node_config], env=flower_env(tmp_path / f"home-{index}", threads=1),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         result = run_py(*SMOKE, *SECAGGPLUS, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
-                        "--set", "federated.backend=flower", "--set", f"federated.flower.address=127.0.0.1:{port}",
+                        "--set", "federated.backend=flower", "--set", f"federated.flower.address={address}",
                         "--set", "federated.flower.nodes=3", "--set", "federated.flower.round_timeout=120.0",
                         "--set", "federated.flower.start_timeout=120.0", "--quiet", timeout=900)
         assert processes[3].poll() is not None  # the drill killed that SuperNode
@@ -314,4 +392,4 @@ def test_a_supernode_killed_mid_round_leaves_a_round_that_secaggplus_completes(t
     [drop] = rounds[1]["dropped_nodes"]
     assert drop["partition"] == 2 and drop["clients"] > 0 and "recovered its masks" in drop["reason"]
     assert np.isfinite(rounds[1]["loss"])
-    assert not [p for p in psutil.process_iter(["cmdline"]) if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if address in " ".join(p.info["cmdline"] or [])]

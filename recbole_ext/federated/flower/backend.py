@@ -116,8 +116,9 @@ class CountingGrid:
 
 
 class FlowerBackend:
-    """The nodes' sums of a round, merged; a node whose answer is malformed or non-finite is dropped
-    (named in the run's log and in metrics.jsonl's `dropped_nodes`) and the round goes on without it."""
+    """The nodes' sums of a round, merged; a node that fails, does not answer within `round_timeout`,
+    or answers with a malformed or non-finite update is dropped (named in the run's log and in
+    metrics.jsonl's `dropped_nodes`) and the round goes on without it."""
 
     def __init__(self, model, windows, settings: dict):
         if _GRID is None:
@@ -145,34 +146,33 @@ class FlowerBackend:
         self.grid.down = self.grid.up = 0
         if self.settings["federated"]["flower"]["secaggplus"]:
             return self.secaggplus_round(clients, owner, round_clients, global_params, round_seed)
-        messages = []
+        messages, sent = [], {}
         for partition, node in sorted(self.nodes.items()):
             mine = clients[owner == partition]
             if len(mine):
                 content = records.train_request(global_params, records.round_settings(
-                    mine, round_clients, round_seed, partition, self.config_text))
+                    mine, round_clients, round_seed, partition, self.config_text, self.rounds_run))
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+                sent[node] = (partition, len(mine))
         replies = exchange(self.grid, messages, self.timeout)
-        failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-        if failed or len(replies) < len(messages):
-            missing = len(messages) - len(replies)
-            raise UserError("a round's nodes did not all answer: " + "; ".join(
-                failed + ([f"{missing} gave no reply within {self.timeout:.0f} s"] if missing else [])))
         self.wire_bytes = {"down": self.grid.down, "up": self.grid.up}
-        partition_of_node = {node: partition for partition, node in self.nodes.items()}
+        answered = {r.metadata.src_node_id: r for r in replies}
+        lost = [{"partition": partition, "node": node, "clients": count,
+                 "reason": f"it failed: {answered[node].error.reason}" if node in answered else
+                 f"it gave no reply within {self.timeout:.0f} s (federated.flower.round_timeout)"}
+                for node, (partition, count) in sent.items() if node not in answered or answered[node].has_error()]
         # in partition order, not arrival order: the same sum to the bit, run after run and on resume
-        answers = [(partition_of_node[r.metadata.src_node_id], r.metadata.src_node_id,
-                    records.read_sums(r.content, self.device)) for r in replies]
-        sums, self.dropped = merge_checked(sorted(answers, key=lambda a: a[0]), global_params,
-                                           Uploads(self.settings).zeros(global_params))
+        answers = [(partition, node, records.read_sums(answered[node].content, self.device))
+                   for node, (partition, _) in sent.items() if node in answered and not answered[node].has_error()]
+        sums, self.dropped = merge_checked(answers, global_params, Uploads(self.settings).zeros(global_params), lost)
         return sums
 
     def secaggplus_round(self, clients, owner, round_clients, global_params: dict, round_seed: int):
         """The round through Flower's SecAgg+ workflow: the server sees only the nodes' masked vectors
         and their unmasked sum; a node that leaves mid-round is dropped and its masks recovered."""
         flower = self.settings["federated"]["flower"]
-        requests = {node: {**records.round_settings(clients[owner == partition], round_clients, round_seed,
-                                                    partition, self.config_text), "round": self.rounds_run}
+        requests = {node: records.round_settings(clients[owner == partition], round_clients, round_seed,
+                                                 partition, self.config_text, self.rounds_run)
                     for partition, node in sorted(self.nodes.items()) if (owner == partition).any()}
         if len(requests) < flower["threshold"]:
             raise UserError(f"round {self.rounds_run} has clients on {len(requests)} node(s), fewer than "
@@ -207,11 +207,12 @@ def problem(sums, global_params: dict) -> str | None:
     return None
 
 
-def merge_checked(answers: list, global_params: dict, total):
+def merge_checked(answers: list, global_params: dict, total, lost: list = ()):
     """Add each (partition, node id, RoundSums) answer to `total` unless `problem` finds one; return
-    (total, the dropped answers as {"partition", "node", "clients", "reason"}). Dropping is refused
-    under secure aggregation (the dropped node's masks would not cancel) and when nothing is left."""
-    dropped = []
+    (total, the dropped nodes as {"partition", "node", "clients", "reason"}: those whose answer was
+    unusable, after the `lost` ones that failed or did not answer). Dropping is refused under secure
+    aggregation (the dropped node's masks would not cancel) and when nothing is left."""
+    dropped = list(lost)
     for partition, node, sums in answers:
         reason = problem(sums, global_params)
         if reason is None and (sums.modulus is None) != (total.modulus is None):

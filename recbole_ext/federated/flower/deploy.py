@@ -133,8 +133,11 @@ class Deployment:
     def _connect(self) -> None:
         home = self.work / "home-cli"
         self.cli_env = flower_env(home)
+        certificates = self.flower["root_certificates"]
+        security = "insecure = true" if certificates is None else \
+            f"insecure = false\nroot-certificates = {toml_value(str(Path(certificates).resolve()))}"
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                          f'address = "{self.address}"\ninsecure = true\n')
+                                          f'address = "{self.address}"\n{security}\n')
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         try:
@@ -151,7 +154,9 @@ class Deployment:
         try:
             return int(json.loads(answer.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"the SuperLink at {self.address} did not accept the run: "
+            tls = "" if self.flower["root_certificates"] else \
+                " (a SuperLink that runs with TLS needs federated.flower.root_certificates)"
+            raise UserError(f"the SuperLink at {self.address} did not accept the run{tls}: "
                             f"{(answer.stdout + answer.stderr).strip()[-1500:]}") from None
 
     def status(self, run_id: int) -> str:
@@ -199,10 +204,24 @@ def rounds_done(run_dir: str) -> int:
     return sum(1 for line in path.read_text().splitlines() if '"round"' in line)
 
 
+def check_connection(flower: dict, where: str) -> None:
+    """`federated.flower.root_certificates` names a file, and a SuperLink that `address` gives."""
+    certificates = flower["root_certificates"]
+    if certificates is None:
+        return
+    if flower["address"] is None:
+        raise UserError(f"{where}: federated.flower.root_certificates is for a SuperLink given by "
+                        f"federated.flower.address; the one this command starts runs on 127.0.0.1 without TLS")
+    if not Path(certificates).is_file():
+        raise UserError(f"{where}: federated.flower.root_certificates: {certificates} is not a file (the PEM "
+                        f"certificate of the CA that signed the SuperLink's certificate)")
+
+
 def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progress: bool) -> None:
     """Deploy, run the stage as a Flower run, and return once its ServerApp has written the run folder's
     summary; a failed run is a UserError that quotes the ServerApp's log."""
     flower = cfg["federated"]["flower"]
+    check_connection(flower, where)
     work = Path(tempfile.mkdtemp(prefix="ur4rec-flower-"))
     config_file = work / "stage.yaml"
     config_file.write_text(dump(cfg))

@@ -9,7 +9,10 @@ The server checks at the start that every node holds its partition of the run's 
 (secaggplus.py), and only the one that carries the global parameters trains."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import psutil
 import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -53,11 +56,25 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if secaggplus.is_secaggplus(msg):  # the collect stage of a SecAgg+ round; the mod masks the reply
         params, round_ = secaggplus.read_fit(msg)
-        secaggplus.leave_mid_round(context, int(round_["round"]))
+        leave_mid_round(context, int(round_["round"]))
         cfg, sums = train_partition(params, round_, context)
         return secaggplus.fit_reply(msg, sums, round_, cfg["federated"]["flower"])
     params, round_ = records.read_request(msg.content)
+    leave_mid_round(context, int(round_["round"]))
     return Message(records.sums_reply(train_partition(params, round_, context)[1]), reply_to=msg)
+
+
+def leave_mid_round(context: Context, round_: int) -> None:
+    """A fault drill (node config `drop-at-round=R`): in round R (counted from the ServerApp's start),
+    when the node got its train message (under SecAgg+: after it shared its keys, before it sends its
+    masked vector), its SuperNode is killed, as when its device is switched off."""
+    if int(context.node_config.get("drop-at-round", 0)) == round_:
+        # this process's ancestors: Flower's SuperExec, which started it, then the SuperNode
+        node = next(p for p in psutil.Process().parents() if "flower-supernode" in " ".join(p.cmdline()))
+        for process in [node, *node.children(recursive=True)]:
+            if process.pid != os.getpid():
+                process.kill()
+        os._exit(1)
 
 
 def train_partition(params: dict, round_: dict, context: Context):

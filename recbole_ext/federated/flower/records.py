@@ -8,12 +8,14 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from ..aggregate import RoundSums
 
 
-def round_settings(clients, round_clients, round_seed: int, partition: int, config_text: str) -> dict:
+def round_settings(clients, round_clients, round_seed: int, partition: int, config_text: str,
+                   round_number: int) -> dict:
     """What a node needs besides the parameters: the clients it trains, the round's clients (the mask
-    partners), the round's seed, its partition, and the run's resolved config (the node builds the
-    same model from it)."""
+    partners), the round's seed, its partition, the run's resolved config (the node builds the
+    same model from it) and the ServerApp's round count (for the `drop-at-round` drill)."""
     return {"clients": [int(c) for c in clients], "round_clients": [int(c) for c in round_clients],
-            "round_seed": int(round_seed), "partition": int(partition), "config": config_text}
+            "round_seed": int(round_seed), "partition": int(partition), "config": config_text,
+            "round": int(round_number)}
 
 
 def train_request(global_params: dict, settings: dict) -> RecordDict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 
 import numpy as np
 import torch
@@ -85,21 +84,6 @@ def fit_reply(msg: Message, sums: RoundSums, settings: dict, flower: dict) -> Me
                "stats": json.dumps({k: list(v.shape) for k, v in stats.items()})}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
-
-
-def leave_mid_round(context: Context, round_: int) -> None:
-    """A fault drill (node config `drop-at-round=R`): in round R, after the node shared its keys and
-    before it sends its masked vector, its SuperNode is killed, so SecAgg+ must recover its masks."""
-    if int(context.node_config.get("drop-at-round", 0)) == round_:
-        import psutil
-
-        # this process's ancestors: Flower's SuperExec, which started it, then the SuperNode; the
-        # whole node goes, as when its device is switched off
-        node = next(p for p in psutil.Process().parents() if "flower-supernode" in " ".join(p.cmdline()))
-        for process in [node, *node.children(recursive=True)]:
-            if process.pid != os.getpid():
-                process.kill()
-        os._exit(1)
 
 
 # --- the server's side ----------------------------------------------------------------------------
