@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -349,36 +350,16 @@ def operator_nodes(tmp_path: Path, nodes: int, drop: int) -> tuple[str, list]:
 
 
 @pytest.mark.slow
-def test_a_supernode_killed_mid_round_is_dropped_and_the_round_goes_on(tmp_path):
-    """Without secure aggregation: the third of 3 SuperNodes is killed when round 2's train message
-    reaches it. The round goes on with the other two nodes' clients, and metrics.jsonl names the node."""
+@pytest.mark.parametrize("secure, reason", [([*NO_DROPOUT], "failed|no reply"), (SECAGGPLUS, "recovered its masks")],
+                         ids=["plain", "secaggplus"])
+def test_a_supernode_killed_mid_round_leaves_a_round_that_completes_without_it(tmp_path, secure, reason):
+    """Three SuperNodes started as an operator would; the third is killed in round 2 (its
+    `drop-at-round` drill) when its train message arrives, under SecAgg+ after it shared its keys and
+    before it sent its masked vector. The round completes on the other two nodes' clients (SecAgg+
+    recovers the dropped node's masks from the others' shares), and metrics.jsonl names the node."""
     address, processes = operator_nodes(tmp_path, 3, drop=2)
     try:
-        result = run_py(*SMOKE, *NO_DROPOUT, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
-                        "--set", "federated.backend=flower", "--set", f"federated.flower.address={address}",
-                        "--set", "federated.flower.nodes=3", "--set", "federated.flower.round_timeout=120.0",
-                        "--set", "federated.flower.start_timeout=120.0", "--quiet", timeout=900)
-        assert processes[3].poll() is not None  # the drill killed that SuperNode
-    finally:
-        stop_all(processes)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["dropped_nodes"] == []
-    [drop] = rounds[1]["dropped_nodes"]
-    assert drop["partition"] == 2 and drop["clients"] > 0
-    assert "failed" in drop["reason"] or "no reply" in drop["reason"]
-    assert np.isfinite(rounds[1]["loss"])
-
-
-@pytest.mark.slow
-def test_a_supernode_killed_mid_round_leaves_a_round_that_secaggplus_completes(tmp_path):
-    """Three SuperNodes started as an operator would; the third is killed in round 2 after it shared
-    its keys and before it sent its masked vector (its `drop-at-round` drill). SecAgg+ recovers its
-    masks from the others' shares: the round completes on the other two nodes' clients, and
-    metrics.jsonl names the dropout."""
-    address, processes = operator_nodes(tmp_path, 3, drop=2)
-    try:
-        result = run_py(*SMOKE, *SECAGGPLUS, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
+        result = run_py(*SMOKE, *secure, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
                         "--set", "federated.backend=flower", "--set", f"federated.flower.address={address}",
                         "--set", "federated.flower.nodes=3", "--set", "federated.flower.round_timeout=120.0",
                         "--set", "federated.flower.start_timeout=120.0", "--quiet", timeout=900)
@@ -390,6 +371,6 @@ def test_a_supernode_killed_mid_round_leaves_a_round_that_secaggplus_completes(t
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["dropped_nodes"] == []
     [drop] = rounds[1]["dropped_nodes"]
-    assert drop["partition"] == 2 and drop["clients"] > 0 and "recovered its masks" in drop["reason"]
+    assert drop["partition"] == 2 and drop["clients"] > 0 and re.search(reason, drop["reason"])
     assert np.isfinite(rounds[1]["loss"])
     assert not [p for p in psutil.process_iter(["cmdline"]) if address in " ".join(p.info["cmdline"] or [])]
