@@ -270,7 +270,8 @@ def test_over_tls_a_supernode_with_other_data_is_refused_at_the_start_and_named(
         result = run_py(*deploy, "--set", f"federated.flower.root_certificates={tls['ca']}", timeout=400)
     finally:
         stop_all(processes)  # the ServerApp too
-    assert plain.returncode == 2 and "needs federated.flower.root_certificates" in plain.stderr, plain.stderr[-2000:]
+    said = " ".join(plain.stderr.split())  # the message is wrapped
+    assert plain.returncode == 2 and "with TLS needs federated.flower.root_certificates" in said, said[-2000:]
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "(partition 1) does not hold the run's data" in result.stderr
     assert "(partition 0)" not in result.stderr
