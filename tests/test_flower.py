@@ -113,54 +113,23 @@ def test_the_backend_outside_a_serverapp_is_refused():
         FlowerBackend(None, None, {})
 
 
+def rounds_in(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
 def started_until_a_round(args: list, run_dir: Path) -> tuple[subprocess.Popen, list]:
-    """run.py with `args`, left running once its first round is in metrics.jsonl; and the processes it
-    had started by then."""
+    """run.py with `args`, left running once it has added a round to metrics.jsonl; and the processes
+    it had started by then."""
+    before = rounds_in(run_dir)
     command = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+    while rounds_in(run_dir) <= before:
         assert command.poll() is None and time.monotonic() < deadline, command.communicate()[0][-3000:]
         time.sleep(0.2)
     return command, psutil.Process(command.pid).children(recursive=True)
-
-
-@pytest.mark.slow
-def test_four_supernodes_interrupted_and_resumed_equal_the_vectorized_backend(tmp_path):
-    """Three smoke rounds on 4 SuperNodes, interrupted (Ctrl-C) after the first and resumed: every
-    process the command started is gone after the interrupt, and the resumed run ends with the
-    vectorized backend's global parameters to 1e-5 (each node's clients are summed apart) and its
-    per-round losses."""
-    vectorized = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'vectorized'}",
-                        "--set", "federated.backend=vectorized", "--quiet", *NO_DROPOUT)
-    assert vectorized.returncode == 0, vectorized.stderr[-3000:]
-    run_dir = tmp_path / "flower"
-    flower = [*SMOKE, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=4",
-              "--quiet", *NO_DROPOUT]
-    command, started = started_until_a_round([*flower, "--set", f"run_dir={run_dir}"], run_dir)
-    assert len(started) >= 6  # the SuperLink, 4 SuperNodes, the ServerApp (and the flwr CLI's calls)
-    command.send_signal(signal.SIGINT)
-    command.communicate(timeout=60)
-    assert command.returncode == -signal.SIGINT  # KeyboardInterrupt ends Python by the signal
-    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not (run_dir / "summary.json").exists()
-    resumed = run_py(*flower, "--resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    ours = torch.load(run_dir / "state.pt", weights_only=False)["model"]
-    reference = torch.load(tmp_path / "vectorized" / "state.pt", weights_only=False)["model"]
-    worst = max(float((ours[k].float() - reference[k].float()).abs().max()) for k in reference)
-    assert 0 < max(float((reference[k].float()).abs().max()) for k in reference)
-    assert worst < 1e-5, f"the flower run's parameters differ from the vectorized run's by {worst:.2e}"
-    logs = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("vectorized", "flower")]
-    assert [r["round"] for r in logs[1]] == [r["round"] for r in logs[0]] == [1, 2, 3]
-    for theirs, mine in zip(*logs):
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
-        assert mine["dropped_nodes"] == [] and "dropped_nodes" not in theirs
-        # down: at least one node's float32 copy of the trainable parameters
-        assert mine["wire_bytes"]["down"] > 4 * mine["trainable_params"] and mine["wire_bytes"]["up"] > 0
-    assert "run folder:" in resumed.stdout
 
 
 def command_line(process: psutil.Process) -> str:
@@ -170,32 +139,56 @@ def command_line(process: psutil.Process) -> str:
         return ""
 
 
+def survivors(started: list) -> list:
+    return [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.mark.slow
-def test_a_killed_serverapp_is_a_failed_run_that_resumes_with_the_same_rounds(tmp_path):
-    """The ServerApp process alone killed (SIGKILL) after the first round: the command reports the
-    failed Flower run (exit 2) and stops what it started; `--resume` continues from the last saved
-    round and ends with the rounds an uninterrupted run has."""
-    run_dir = tmp_path / "run"
-    flower = [*SMOKE, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=2", "--set", "state_every=1",
-              "--quiet", *NO_DROPOUT]
+def test_a_deployment_that_loses_its_serverapp_or_is_interrupted_resumes_to_the_vectorized_numbers(tmp_path):
+    """Four smoke rounds on 4 SuperNodes and two faults. The ServerApp process alone is killed
+    (SIGKILL) after a round: the command reports the failed Flower run (exit 2). Resumed, the command
+    is interrupted (Ctrl-C) after a further round. Each time every process the command started is
+    gone and no summary is written. Resumed again, the run ends with the vectorized backend's global
+    parameters to 1e-5 (each node's clients are summed apart) and its per-round losses."""
+    rounds = ["--set", "federated.rounds=4"]
+    vectorized = run_py(*SMOKE, *rounds, "--set", f"run_dir={tmp_path / 'vectorized'}",
+                        "--set", "federated.backend=vectorized", "--quiet", *NO_DROPOUT)
+    assert vectorized.returncode == 0, vectorized.stderr[-3000:]
+    run_dir = tmp_path / "flower"
+    flower = [*SMOKE, *rounds, "--set", "federated.backend=flower", "--set", "federated.flower.nodes=4",
+              "--set", "state_every=1", "--quiet", *NO_DROPOUT]
     command, started = started_until_a_round([*flower, "--set", f"run_dir={run_dir}"], run_dir)
+    assert len(started) >= 6  # the SuperLink, 4 SuperNodes, the ServerApp (and the flwr CLI's calls)
     [server] = [p for p in started if "flwr-serverapp" in command_line(p)]
     server.kill()
     out, _ = command.communicate(timeout=300)
     assert command.returncode == 2 and "ended" in out, out[-3000:]
-    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    saved = len((run_dir / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= saved < 3 and not (run_dir / "summary.json").exists()
+    assert not survivors(started)
+    assert 1 <= rounds_in(run_dir) < 3 and not (run_dir / "summary.json").exists()
+
+    command, started = started_until_a_round([*flower, "--resume", str(run_dir)], run_dir)
+    command.send_signal(signal.SIGINT)
+    command.communicate(timeout=60)
+    assert command.returncode == -signal.SIGINT  # KeyboardInterrupt ends Python by the signal
+    assert not survivors(started)
+    assert rounds_in(run_dir) < 4 and not (run_dir / "summary.json").exists()
+
     resumed = run_py(*flower, "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    reference = run_py(*SMOKE, "--set", f"run_dir={tmp_path / 'vectorized'}", "--set", "federated.backend=vectorized",
-                       "--quiet", *NO_DROPOUT)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    logs = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-            for folder in (tmp_path / "vectorized", run_dir)]
-    assert [r["round"] for r in logs[1]] == [r["round"] for r in logs[0]] == [1, 2, 3]
+    assert "run folder:" in resumed.stdout
+    ours = torch.load(run_dir / "state.pt", weights_only=False)["model"]
+    reference = torch.load(tmp_path / "vectorized" / "state.pt", weights_only=False)["model"]
+    worst = max(float((ours[k].float() - reference[k].float()).abs().max()) for k in reference)
+    assert 0 < max(float((reference[k].float()).abs().max()) for k in reference)
+    assert worst < 1e-5, f"the flower run's parameters differ from the vectorized run's by {worst:.2e}"
+    logs = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("vectorized", "flower")]
+    assert [r["round"] for r in logs[1]] == [r["round"] for r in logs[0]] == [1, 2, 3, 4]
     for theirs, mine in zip(*logs):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert mine["dropped_nodes"] == [] and "dropped_nodes" not in theirs
+        # down: at least one node's float32 copy of the trainable parameters
+        assert mine["wire_bytes"]["down"] > 4 * mine["trainable_params"] and mine["wire_bytes"]["up"] > 0
 
 
 def test_an_unreachable_superlink_is_a_clear_error_that_writes_nothing(tmp_path):
@@ -354,13 +347,13 @@ def operator_nodes(tmp_path: Path, nodes: int, drop: int) -> tuple[str, list]:
 @pytest.mark.parametrize("secure, reason", [([*NO_DROPOUT], "failed|no reply"), (SECAGGPLUS, "recovered its masks")],
                          ids=["plain", "secaggplus"])
 def test_a_supernode_killed_mid_round_leaves_a_round_that_completes_without_it(tmp_path, secure, reason):
-    """Three SuperNodes started as an operator would; the third is killed in round 2 (its
+    """Three SuperNodes started as an operator would; the third is killed in round 1 (its
     `drop-at-round` drill) when its train message arrives, under SecAgg+ after it shared its keys and
     before it sent its masked vector. The round completes on the other two nodes' clients (SecAgg+
     recovers the dropped node's masks from the others' shares), and metrics.jsonl names the node."""
-    address, processes = operator_nodes(tmp_path, 3, drop=2)
+    address, processes = operator_nodes(tmp_path, 3, drop=1)
     try:
-        result = run_py(*SMOKE, *secure, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=2",
+        result = run_py(*SMOKE, *secure, "--set", f"run_dir={tmp_path / 'run'}", "--set", "federated.rounds=1",
                         "--set", "federated.backend=flower", "--set", f"federated.flower.address={address}",
                         "--set", "federated.flower.nodes=3", "--set", "federated.flower.round_timeout=120.0",
                         "--set", "federated.flower.start_timeout=120.0", "--quiet", timeout=900)
@@ -369,9 +362,8 @@ def test_a_supernode_killed_mid_round_leaves_a_round_that_completes_without_it(t
         stop_all(processes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert rounds[0]["dropped_nodes"] == []
-    [drop] = rounds[1]["dropped_nodes"]
+    assert [r["round"] for r in rounds] == [1]
+    [drop] = rounds[0]["dropped_nodes"]
     assert drop["partition"] == 2 and drop["clients"] > 0 and re.search(reason, drop["reason"])
-    assert np.isfinite(rounds[1]["loss"])
+    assert np.isfinite(rounds[0]["loss"])
     assert not [p for p in psutil.process_iter(["cmdline"]) if address in " ".join(p.info["cmdline"] or [])]
