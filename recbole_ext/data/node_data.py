@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +76,10 @@ class NodeData:
     def side_info(self, memory: MemoryConfig | None) -> SideInfo:
         """The item features and, when `memory` is given, the memory of the held sequences: a row of
         the memory depends only on its user's earlier items, so it equals the server's row."""
-        side = SideInfo(self.side.text, self.side.text_available, self.side.image, self.side.image_available,
-                        torch.zeros(1, 0, dtype=torch.long))
-        if memory is not None:
-            items = np.concatenate(self.histories) if self.histories else np.zeros(0, np.int64)
-            side.memory = memory_table(side, self._local_offsets(), items, memory)
-        return side
+        if memory is None:
+            return self.side
+        items = np.concatenate(self.histories) if self.histories else np.zeros(0, np.int64)
+        return replace(self.side, memory=memory_table(self.side, self._local_offsets(), items, memory))
 
 
 def cut(windows: TrainingWindows, side: SideInfo, item_tokens, dataset: str, partitions: int) -> list[NodeData]:

@@ -157,13 +157,14 @@ class FlowerBackend:
         replies = exchange(self.grid, messages, self.timeout)
         self.wire_bytes = {"down": self.grid.down, "up": self.grid.up}
         answered = {r.metadata.src_node_id: r for r in replies}
+        usable = {node: r for node, r in answered.items() if not r.has_error()}
         lost = [{"partition": partition, "node": node, "clients": count,
                  "reason": f"it failed: {answered[node].error.reason}" if node in answered else
                  f"it gave no reply within {self.timeout:.0f} s (federated.flower.round_timeout)"}
-                for node, (partition, count) in sent.items() if node not in answered or answered[node].has_error()]
+                for node, (partition, count) in sent.items() if node not in usable]
         # in partition order, not arrival order: the same sum to the bit, run after run and on resume
-        answers = [(partition, node, records.read_sums(answered[node].content, self.device))
-                   for node, (partition, _) in sent.items() if node in answered and not answered[node].has_error()]
+        answers = [(partition, node, records.read_sums(usable[node].content, self.device))
+                   for node, (partition, _) in sent.items() if node in usable]
         sums, self.dropped = merge_checked(answers, global_params, Uploads(self.settings).zeros(global_params), lost)
         return sums
 
