@@ -33,6 +33,7 @@ from .errors import UserError
 from .runs import CHECKPOINT, STATE, entry_names, listing, read_metrics
 
 SWEEP_CONFIG = "sweep.yaml"
+HOLD_ENV = "UR4REC_TUNE_HOLD"  # tests only: see _Reporter.hold
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -142,9 +143,11 @@ def _fit(cfg: dict, sweep_dir: Path, resume: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # The trials unpickle `run_trial` by its module, so every worker needs this package: ship it
     # with the job (works for a local Ray and for a cluster, where the project is not installed).
+    runtime_env = {"py_modules": [str(_PACKAGE_DIR)]}
+    if os.environ.get(HOLD_ENV):  # a test's hold: passed on, as a cluster's workers do not share our environment
+        runtime_env["env_vars"] = {HOLD_ENV: os.environ[HOLD_ENV]}
     local = {} if t["address"] else {"num_cpus": t["num_cpus"], "include_dashboard": False}
-    ray.init(address=t["address"], log_to_driver=False, runtime_env={"py_modules": [str(_PACKAGE_DIR)]},
-             **local)
+    ray.init(address=t["address"], log_to_driver=False, runtime_env=runtime_env, **local)
     try:
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg, sweep_dir=str(sweep_dir)),
                                         {"cpu": t["cpus_per_trial"], "gpu": t["gpus_per_trial"]})
@@ -332,6 +335,7 @@ class _Reporter:
         self.first_loss = earlier[0]["loss"] if earlier else None
         self.diverged_round = None
         self.last_valid = next((r["valid"] for r in reversed(earlier) if "valid" in r), None)
+        self.held = False
 
     def __call__(self, record: dict) -> bool:
         from ray import tune
@@ -352,7 +356,24 @@ class _Reporter:
                 if (self.run_dir / name).is_file():
                     shutil.copy(self.run_dir / name, folder)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+        self.hold(index)
         return self.diverged_round is not None
+
+    def hold(self, index: int) -> None:
+        """A hook for tests only; without $UR4REC_TUNE_HOLD a run is unchanged. With it set to PATH, the
+        first validation round of a trial whose run folder already holds a resumable state (state.pt,
+        which a round saves after its callback: with state_every and eval.every 1, round 2) writes
+        PATH.<trial folder name> after reporting, and waits while that file exists. So a test can
+        interrupt a trial that is provably mid-run and resumable (Tune then kills the held worker after
+        its 10 s stop timeout), or let it go on by deleting the file."""
+        path = os.environ.get(HOLD_ENV)
+        if not path or self.held or not (self.run_dir / STATE).is_file():
+            return
+        self.held = True
+        marker = Path(f"{path}.{self.run_dir.parent.name}")
+        marker.write_text(f"{index}\n")  # the round it holds after
+        while marker.exists():
+            time.sleep(0.2)
 
 
 def diverges(loss: float, first_loss: float, factor: float) -> bool:

@@ -99,7 +99,8 @@ def test_a_sweep_without_its_stage1_checkpoint_stops_cleanly(tmp_path, capsys, f
                      "--set", f"data.text_features={features['text']}",
                      "--set", f"load=[{{checkpoint: {tmp_path / 'none.pt'}, groups: {BACKBONE}}}]",
                      "--set", f"tune.storage_path={tmp_path / 'sweeps'}"])
-    assert code == 2 and "none.pt: checkpoint not found" in capsys.readouterr().err
+    # run.py wraps the message at 100 columns, so a long tmp_path may break it anywhere
+    assert code == 2 and "none.pt: checkpoint not found" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -286,7 +287,8 @@ def test_a_trial_row_has_no_criterion_unless_the_sweep_declares_one(tmp_path):
 def test_an_unknown_criterion_stops_the_sweep_naming_the_key(tmp_path, capsys):
     code = run.main(["tune", "--config", SMOKE, "--set", "tune.criterion=stage3",
                      "--set", f"tune.storage_path={tmp_path}"])
-    assert code == 2 and "tune.criterion = 'stage3' must be one of stage2" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert code == 2 and "tune.criterion = 'stage3' must be one of stage2" in err
     assert not any(tmp_path.iterdir())
 
 
@@ -307,26 +309,29 @@ def test_best_yaml_runs_as_a_stage_config(sweep, capsys):
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, features, tmp_path):
-    """Two trials one after the other; Ctrl+C as soon as the second one has saved its first round
-    (its state.pt exists), then `run.py tune --resume`.
+    """Two trials one after the other; Ctrl+C while the second one is provably mid-run, then
+    `run.py tune --resume`.
 
-    The test waits for events, never for a fixed time: it reads the driver's output as it comes
-    (the first trial's line says it ended) and, meanwhile, looks for the second trial's state.pt every
-    0.2 s; each wait is bounded (`wait_s`) and fails naming what never happened, with the driver's
-    output, and a failure ends the driver's process group. One race is left: the second trial trains
-    on between its state.pt appearing and Ctrl+C reaching the driver (a fraction of a second; after
-    it, each report waits for a driver that has stopped). 10 rounds leave it far from its end (with
-    3 it once finished first on a fast machine), and no more than base.yaml's patience of 10
-    validations, which would stop it early."""
+    $UR4REC_TUNE_HOLD (tune._Reporter.hold) makes each trial stop after reporting its first round that
+    has a resumable state behind it (round 2: round 1's state.pt) and wait, with a marker file, until
+    the test deletes that marker. The test lets the first trial go on to its end, and sends Ctrl+C
+    while the second one waits: nothing races the interrupt, so the trials need no more rounds than
+    the checks below. (The held trial never reports again, so Tune ends its worker by force, 10 s
+    after Ctrl+C: most of the driver's stop time.) The test waits for events, never for a fixed time:
+    it reads the driver's output as it comes and looks for the markers every 0.2 s; each wait is
+    bounded (`wait_s`) and fails naming what never happened, with the driver's output, and a failure
+    ends the driver's process group."""
     import os
     import queue
     import threading
 
     wait_s = 600  # a bound, not a pause: Ray took over 180 s to start a trial on a loaded machine
-    rounds = 10
+    rounds = ROUNDS  # the held trial stops after round 2 of 3: the resume has a round to run past it
+    hold = tmp_path / "hold"
     args = sweep_args(stage1, features, tmp_path, "[0.003, 0.001]", "tune.max_concurrent_trials=1", rounds=rounds)
     # its own process group, so that a failure below can end the driver and whatever Ray started with it
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "run.py"), *args], cwd=tmp_path, text=True,
+                            env={**os.environ, "UR4REC_TUNE_HOLD": str(hold)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     arriving: queue.Queue = queue.Queue()
 
@@ -361,13 +366,18 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
                 pass
         return result
 
+    def held(but: str | None = None) -> str | None:
+        """The trial folder name of a held trial (not `but`), from its marker hold.<trial>."""
+        return next((m.name.split(".", 1)[1] for m in tmp_path.glob("hold.trial_*") if m.name != f"hold.{but}"),
+                    None)
+
     try:
+        first = wait_for(held, "the first trial to hold after its second round")
+        (tmp_path / f"hold.{first}").unlink()  # let it go on to its end
         # a trial's line in the driver's output: it has ended
-        first = wait_for(lambda: next((l.split()[0] for l in lines if l.startswith("trial_")), None),
-                         "the first trial to end")
+        wait_for(lambda: any(l.split()[0] == first for l in lines if l.startswith("trial_")), f"{first} to end")
         sweep_dir = Path(next(l for l in lines if l.startswith("sweep folder: ")).split(": ", 1)[1].strip())
-        started = wait_for(lambda: [d for d in sweep_dir.glob("trial_*/run") if d.parent.name != first
-                                    and (d / "state.pt").is_file()], "the second trial to save its first round")
+        second = wait_for(lambda: held(but=first), "the second trial to hold after its second round")
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=120)
@@ -380,7 +390,10 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     reader.join(timeout=30)
     drain()
     output = "".join(lines)
-    assert proc.returncode != 0, "the second trial ended before Ctrl+C reached the sweep:\n" + output[-3000:]
+    assert proc.returncode != 0, "the sweep ended on its own despite Ctrl+C:\n" + output[-3000:]
+    started = sweep_dir / second / "run"
+    # cut off where it held: round 2 written, the state it resumes from that of round 1
+    assert [rec["round"] for rec in read_metrics(started)] == [1, 2]
     assert f"run.py tune --resume {sweep_dir}" in output, output[-3000:]
     assert not (sweep_dir / "trials.csv").exists()
     # --report of the stopped sweep: the ended trial as it ended, the cut one unfinished, no winner yet
@@ -392,7 +405,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     assert statuses[first] == "ok" and sorted(statuses.values()) == ["ok", "unfinished"]
     assert "1 of 2 trials ended" in reported.stdout and not (sweep_dir / "best.yaml").exists()
     before = (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns
-    round1 = read_metrics(started[0])[0]
+    round1 = read_metrics(started)[0]
 
     resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), "tune", "--resume", str(sweep_dir)],
                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
@@ -406,7 +419,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     # the resumed driver's status line counts the trial that ended before the restore
     assert "sweep: 2/2 trials ended (2 ok, 0 pruned, 0 diverged, 0 error), 0 running, 0 waiting" in resumed.stdout
     # the trial cut off half-way continued from its saved state: round 1 was not run again
-    second = read_metrics(started[0])
-    assert [rec["round"] for rec in second] == list(range(1, rounds + 1)) and second[0] == round1
-    assert (started[0] / "summary.json").is_file()
+    resumed_rounds = read_metrics(started)
+    assert [rec["round"] for rec in resumed_rounds] == list(range(1, rounds + 1)) and resumed_rounds[0] == round1
+    assert (started / "summary.json").is_file()
     assert (sweep_dir / "best.yaml").is_file()
