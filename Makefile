@@ -1,5 +1,5 @@
 # make demo   - environment, ML-100K data and text features, stages 1-3 federated, popularity, one results table
-# make test   - environment (if missing), then the test suite
+# make test   - environment (if missing), then the test suite (WORKERS=2 processes)
 # make flower - add the optional Flower install (federated.backend: flower; CI installs it)
 PYTHON ?= python3
 BIN := .venv/bin
@@ -42,5 +42,8 @@ demo: data
 	@echo "baseline-pop ranks every item by its training interactions: the floor a model must clear."
 	$(BIN)/python run.py report --out runs/demo/report.json runs/demo/popularity runs/demo/stage1 runs/demo/stage2 runs/demo/stage3
 
+# two pytest-xdist workers: the Flower deployment tests mostly wait on their nodes, so a 2-core machine
+# runs the rest beside them; one test at a time each (--maxschedchunk 1), as they take seconds to minutes
+WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --maxschedchunk 1

@@ -58,7 +58,10 @@ def set_determinism(deterministic: bool) -> None:
     An operation without a deterministic CUDA kernel warns (naming itself) rather than stop a run."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # the call imports torch's compiler stack (about a second, in every process: each Flower message
+    # is one), so a process that stays at the default, off, does not make it
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 @dataclass

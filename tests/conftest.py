@@ -19,6 +19,11 @@ from recbole_ext import compat  # noqa: E402,F401
 from recbole_ext.config import load_config  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The Flower deployments first (pytest.ini's `deployment` marker), the rest in their order."""
+    items.sort(key=lambda item: item.get_closest_marker("deployment") is None)
+
+
 def recbole_example_dir() -> str:
     import recbole
     return os.path.join(os.path.dirname(recbole.__file__), "dataset_example")
