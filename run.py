@@ -57,10 +57,12 @@ def run_stage(argv: list[str]) -> None:
         from recbole_ext.federated.privacy import check_settings
 
         check_settings(cfg, args.config)  # here, not first in the ServerApp after the deployment started
-        from recbole_ext.federated.flower.deploy import run_stage as run_deployed
         from recbole_ext.analysis.report import read_summary
+        from recbole_ext.federated.flower.deploy import run_stage as run_deployed
+        from recbole_ext.nodes import write_node_data
 
-        run_deployed(cfg, args.config, bool(args.resume), args.overwrite, show_progress=not args.quiet)
+        run_deployed(cfg, args.config, bool(args.resume), args.overwrite, show_progress=not args.quiet,
+                     write_nodes=lambda folder: write_node_data(cfg, args.config, folder))
         summary = read_summary(cfg["run_dir"])
     else:
         stage = Stage(cfg, args.config)

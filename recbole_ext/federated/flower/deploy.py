@@ -27,8 +27,8 @@ from tqdm import tqdm
 from ...config import dump
 from ...errors import UserError
 
-APP = Path(__file__).resolve().parent / "app"
 PROJECT = Path(__file__).resolve().parents[3]  # the folder holding recbole_ext/
+APP = PROJECT / "recbole_ext" / "flower_app"  # the Flower App `flwr run` submits
 BIN = Path(sys.executable).parent
 CONNECTION = "ur4rec"
 FINISHED = "finished:"
@@ -220,9 +220,11 @@ def check_connection(flower: dict, where: str) -> None:
                         f"certificate of the CA that signed the SuperLink's certificate)")
 
 
-def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progress: bool) -> None:
+def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progress: bool,
+              write_nodes) -> None:
     """Deploy, run the stage as a Flower run, and return once its ServerApp has written the run folder's
-    summary; a failed run is a UserError that quotes the ServerApp's log."""
+    summary; a failed run is a UserError that quotes the ServerApp's log. `write_nodes(folder)` writes
+    the node-data files of the nodes started here and returns their paths (nodes.write_node_data)."""
     flower = cfg["federated"]["flower"]
     check_connection(flower, where)
     work = Path(tempfile.mkdtemp(prefix="ur4rec-flower-"))
@@ -234,9 +236,7 @@ def run_stage(cfg: dict, where: str, resume: bool, overwrite: bool, show_progres
     try:
         node_files = []
         if flower["address"] is None:  # the nodes started here hold their partitions' data, nothing more
-            from ...nodes import write_node_data
-
-            node_files = write_node_data(cfg, where, work / "node-data")
+            node_files = write_nodes(work / "node-data")
         with Deployment(flower, work, node_files) as deployment:
             run_id = deployment.submit({"config-file": str(config_file), "where": where, "resume": resume,
                                         "overwrite": overwrite})

@@ -1,12 +1,12 @@
-"""The ClientApp: what runs on a SuperNode. Flower starts a fresh process for every message, so each
-train message rebuilds the node's model from the run's resolved config (in the message) and the node's
+"""The ClientApp: what runs on a SuperNode (Flower finds `app` here). Flower starts a fresh process
+for every message, so each train message rebuilds the node's model from the run's resolved config (in the message) and the node's
 own data, and trains the node's clients with the `vectorized` backend.
 
 A node holds one node-data file (`--node-config 'node-data="FILE"'`, written by `run.py node-data`):
 its partition's users' training sequences and the public item tables, nothing else (data/node_data.py).
 The server checks at the start that every node holds its partition of the run's data. Under
 `federated.flower.secaggplus` the train messages of a round follow Flower's SecAgg+ protocol
-(secaggplus.py), and only the one that carries the global parameters trains."""
+(recbole_ext/federated/flower/secaggplus.py), and only the one that carries the global parameters trains."""
 from __future__ import annotations
 
 import os
@@ -18,9 +18,9 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ...data import node_data
-from ..ray_backend import actor_seed
-from . import records, secaggplus
+from recbole_ext.data import node_data
+from recbole_ext.federated.flower import records, secaggplus
+from recbole_ext.federated.ray_backend import actor_seed
 
 app = ClientApp(mods=[secaggplus.node_mod])
 
@@ -34,7 +34,7 @@ def held_data(context: Context) -> node_data.NodeData:
 
 def node_stage(config_text: str, data: node_data.NodeData):
     """(the run's config, its stage as this node builds it from its data alone)."""
-    from ...nodes import NodeStage
+    from recbole_ext.nodes import NodeStage
 
     cfg = yaml.safe_load(config_text)
     torch.set_num_threads(1)  # the machine's cores are shared by the nodes
@@ -79,7 +79,7 @@ def leave_mid_round(context: Context, round_: int) -> None:
 
 def train_partition(params: dict, round_: dict, context: Context):
     """(the run's config, the RoundSums of the round's clients this node holds)."""
-    from ..vectorized import VectorizedBackend
+    from recbole_ext.federated.vectorized import VectorizedBackend
 
     data = held_data(context)
     partition = data.partition

@@ -1,1 +1,0 @@
-"""A ur4rec-moe stage as a Flower App (see recbole_ext/federated/flower)."""
