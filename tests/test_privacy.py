@@ -300,3 +300,18 @@ def test_the_attack_command_reports_auc_and_the_touched_rows(tmp_path, monkeypat
     assert result["scores"]["row_sent"]["auc"] == 0.5  # every row of a masked upload is non-zero
     # a sparse upload sends the touched rows with their ids, a masked one every row
     assert 0 < json.loads(out.read_text())["mb_up_per_client"] < result["mb_up_per_client"]
+
+
+def test_the_epsilons_privacy_md_quotes_are_the_pinned_accountants():
+    """docs/PRIVACY.md's epsilons over 600 rounds on ML-1M (6,040 users, delta 1/6040) are what
+    `Accountant` gives for them: the doc cannot drift from the accountant it names."""
+    page = " ".join((ROOT / "docs" / "PRIVACY.md").read_text().split())
+    quoted = {(1.5, 128): "9.31 (4)", (2.0, 128): "5.39 (4)", (0.5, 128): "5,398 (4)",
+              (2.0, 512): "noise 2.0, 600 rounds spend epsilon 30.3", (1.0, 128): "noise 1.0, 36.0",
+              (1.5, 1024): "spends epsilon 183 (1,024 clients)"}
+    for (noise, per_round), text in quoted.items():
+        epsilon = Accountant({"dp": {"clip_norm": 1.0, "noise_multiplier": noise, "delta": None}},
+                             users=6040, per_round=per_round).epsilon(600)
+        digits = text.split(" (")[0].split()[-1]
+        decimals = len(digits.split(".")[1]) if "." in digits else 0
+        assert f"{epsilon:,.{decimals}f}" == digits and text in page, (noise, per_round, epsilon, text)
