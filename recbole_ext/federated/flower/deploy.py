@@ -37,10 +37,7 @@ FINISHED = "finished:"
 def flower_env(home: Path, threads: int | None = None) -> dict:
     """The environment of every Flower process: this Python's tools first on PATH (Flower finds its
     executors there), the project importable, Flower's own home, and nothing that calls home."""
-    # FLWR_SUPEREXEC_TASK_POLL_INTERVAL: the SuperExecs that start each ServerApp and ClientApp look
-    # for a new task once a second by default, a second of latency on each message of a round
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONPATH=os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH")) if p))
