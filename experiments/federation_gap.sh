@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The federation-gap study (docs/FEDERATION.md): federated stage 1 recipes on one dataset, each a
-# stage run of yamls/<dataset>/stage1.yaml with its overrides, one seed. Resumable: a finished run is
+# stage run of yamls/<dataset>/stage1_earlier.yaml (the stage 1 the study started from) with its
+# overrides, one seed. Resumable: a finished run is
 # skipped, an interrupted one continues from its state.pt (run the same command again).
 #
 #   OMP_NUM_THREADS=1 experiments/federation_gap.sh amazon RECIPE [RECIPE ...]   (RECIPES below, or centralized)
@@ -40,5 +41,5 @@ for recipe in "$@"; do
   fi
   [ -n "${RECIPES[$recipe]:-}" ] || { echo "unknown recipe $recipe (one of: ${!RECIPES[*]})" >&2; exit 2; }
   sets=(); for kv in ${RECIPES[$recipe]}; do sets+=(--set "$kv"); done
-  stage_run "yamls/$dataset/stage1.yaml" "$out/$recipe" "${COMMON[@]}" "${sets[@]}"
+  stage_run "yamls/$dataset/stage1_earlier.yaml" "$out/$recipe" "${COMMON[@]}" "${sets[@]}"
 done

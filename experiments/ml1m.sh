@@ -32,8 +32,9 @@ for seed in "${SEEDS[@]}"; do
     local n="$1" name="$2"; shift 2
     stage_run "yamls/ml1m/stage$n.yaml" "$dir/$name" "$@"
   }
-  stage 1 stage1
-  stage 1 stage1_ce --set loss.type=ce --set name=ml1m-stage1-ce  # the full softmax instead of sampled negatives
+  # the page's stage 1 is the recipe before docs/FEDERATION.md's became stage1.yaml
+  stage 1_earlier stage1
+  stage 1_earlier stage1_ce --set loss.type=ce --set name=ml1m-stage1-ce  # the full softmax instead of sampled negatives
   stage 2 stage2 --set "load=[{checkpoint: $dir/stage1/best.pt, groups: $BACKBONE}]"
   s3_load="load=[{checkpoint: $dir/stage1/best.pt, groups: $BACKBONE}, {checkpoint: $dir/stage2/best.pt, groups: [visual_proj, text_proj, align_gating]}]"
   stage 3 stage3 --set "$s3_load"
@@ -48,7 +49,7 @@ for seed in "${SEEDS[@]}"; do
     run="$dir/baseline-$model"
     # done once it ran its epochs (or stopped on patience); a time-limited one goes on next session
     baseline_done "$run" "$BASELINE_EPOCHS" || \
-      "$PY" run.py baseline --config yamls/ml1m/stage1.yaml --model "$model" --epochs "$BASELINE_EPOCHS" \
+      "$PY" run.py baseline --config yamls/ml1m/stage1_earlier.yaml --model "$model" --epochs "$BASELINE_EPOCHS" \
         --max-minutes 150 --quiet --set seed="$seed" --set run_dir="$run" $(resume "$run")
     runs+=("$run")
   done

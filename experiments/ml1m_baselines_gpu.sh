@@ -22,7 +22,7 @@ for seed in "${SEEDS[@]}"; do
     baseline_done "$run" "$EPOCHS" && continue
     resume=(--overwrite); [ -f "$run/state.pt" ] && resume=(--resume "$run")
     mkdir -p "$(dirname "$run")"
-    "$PY" run.py baseline --config yamls/ml1m/stage1.yaml --model "$model" --epochs "$EPOCHS" \
+    "$PY" run.py baseline --config yamls/ml1m/stage1_earlier.yaml --model "$model" --epochs "$EPOCHS" \
         --max-minutes "$MINUTES" --quiet --set device="${DEVICE:-cuda}" --set seed="$seed" --set eval.patience=10 \
         --set "name=baseline-${model,,}-gpu" --set run_dir="$run" "${resume[@]}" > "$run.log" 2>&1 &
     pids+=($!)
