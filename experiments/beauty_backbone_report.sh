@@ -2,9 +2,11 @@
 # The records and tables of docs/RESULTS-BEAUTY.md's section on the converged federated backbone (the
 # c256-cos stage 1 of docs/FEDERATION.md, now yamls/amazon/stage1.yaml's default): for each seed under
 # OUT, the results of its finished runs of experiments/amazon.sh (stage 1, the item-content stage 1,
-# the text route stage 2 -> stage 3 and the stage 3 on the item-content stage 1) and each paired with
-# stage 1 (`run.py compare --common-users`: a stage 3 scores a 3,000-user sample; targets sliced at 10
-# training interactions; 10,000 resamples).
+# the text route stage 2 -> stage 3 and the stage 3 on the item-content stage 1, and that stage 3
+# scored on all users where its copy `stage3_on_stage1_content_all_users` exists: RESULTS-BEAUTY.md's
+# Reproduce says how) and each paired with stage 1 (`run.py compare --common-users`: a stage 3 scores
+# a 3,000-user sample; targets sliced at 10 training interactions; 10,000 resamples); the all-users
+# stage 3 also with the item-content stage 1 it starts from.
 #   experiments/beauty_backbone_report.sh [SEED ...]   (OUT=runs/amazon-beauty; writes docs/results/amazon-beauty-backbone/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,11 +19,16 @@ for seed in "${SEEDS[@]}"; do
   dir=$OUT/seed$seed
   [ -f "$dir/stage1/summary.json" ] || continue
   runs=("$dir/stage1")
-  for other in stage1_content stage2_content stage3_content stage3_on_stage1_content; do
+  for other in stage1_content stage2_content stage3_content stage3_on_stage1_content \
+      stage3_on_stage1_content_all_users; do
     [ -f "$dir/$other/summary.json" ] || continue
     runs+=("$dir/$other")
     "$PY" run.py compare "$dir/stage1" "$dir/$other" --common-users --item-count-bins 10 \
         --json "$D/compare-stage1-$other-seed$seed.json" > "$D/compare-stage1-$other-seed$seed.md"
   done
+  all=$dir/stage3_on_stage1_content_all_users
+  [ ! -f "$all/summary.json" ] || "$PY" run.py compare "$dir/stage1_content" "$all" --item-count-bins 10 \
+      --json "$D/compare-stage1_content-stage3_on_stage1_content_all_users-seed$seed.json" \
+      > "$D/compare-stage1_content-stage3_on_stage1_content_all_users-seed$seed.md"
   "$PY" run.py results "${runs[@]}" --out "$D/runs-seed$seed.json" > "$D/runs-seed$seed.md"
 done
