@@ -29,12 +29,12 @@ from pathlib import Path
 from . import compat  # noqa: F401  (numpy aliases before any RecBole import, in the driver and in trials)
 from .analysis.sweep_report import metric_key, report, reported_metrics, row_of, trial_line, units_of, values_text
 from .config import dump, load_config, with_values
+from .defaults import ray_runtime_env
 from .errors import UserError
 from .runs import CHECKPOINT, STATE, entry_names, listing, read_metrics
 
 SWEEP_CONFIG = "sweep.yaml"
 HOLD_ENV = "UR4REC_TUNE_HOLD"  # tests only: see _Reporter.hold
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> None:
@@ -143,9 +143,8 @@ def _fit(cfg: dict, sweep_dir: Path, resume: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # The trials unpickle `run_trial` by its module, so every worker needs this package: ship it
     # with the job (works for a local Ray and for a cluster, where the project is not installed).
-    runtime_env = {"py_modules": [str(_PACKAGE_DIR)]}
-    if os.environ.get(HOLD_ENV):  # a test's hold: passed on, as a cluster's workers do not share our environment
-        runtime_env["env_vars"] = {HOLD_ENV: os.environ[HOLD_ENV]}
+    # (a test's hold is passed on too, as a cluster's workers do not share our environment)
+    runtime_env = ray_runtime_env({HOLD_ENV: os.environ[HOLD_ENV]} if os.environ.get(HOLD_ENV) else None)
     local = {} if t["address"] else {"num_cpus": t["num_cpus"], "include_dashboard": False}
     ray.init(address=t["address"], log_to_driver=False, runtime_env=runtime_env, **local)
     try:

@@ -12,6 +12,12 @@ comparison about the logic; the float32 checks compare single rounds, from the s
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -356,3 +362,36 @@ def test_a_resumed_ray_run_draws_the_dropout_of_an_uninterrupted_one(tmp_path, r
     params, _ = trained(resumed, [3, 4])
     for name, value in reference.items():
         assert torch.equal(params[name], value), name
+
+
+def test_ray_workers_run_the_shipped_package_with_the_drivers_defaults(tmp_path):
+    """On a cluster a worker has only what the job ships (the project is not there): a driver outside
+    the project starts Ray, and a worker imports the package from the job's copy and reads the same
+    defaults (yamls/base.yaml) as the driver."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import ray
+        from recbole_ext.defaults import base_defaults
+        from recbole_ext.federated.ray_backend import connect
+
+        @ray.remote
+        def worker():
+            import recbole_ext
+            from recbole_ext.data.memory import MemoryConfig  # reads the defaults when imported
+            from recbole_ext.defaults import base_defaults
+            return recbole_ext.__file__, base_defaults()
+
+        connect(None, 1)
+        where, defaults = ray.get(worker.remote())
+        print(json.dumps({{"where": where, "same": defaults == base_defaults()}}))
+        ray.shutdown()
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the job finds the package
+    out = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["where"].startswith(str(ROOT)), "the worker should import the shipped copy"
+    assert result["same"]

@@ -14,7 +14,8 @@ model, windows and parameters travel on the CPU and each side moves them to its 
 `federated.ray_address` null starts a local Ray with enough CPUs for the pool; any other value is
 passed to `ray.init(address=...)` to join a running cluster ("auto" on a cluster node, or
 "ray://head:10001" through Ray Client). The package travels to the workers as a runtime-env
-`py_modules` entry; the cluster's Python must have this project's requirements installed.
+`py_modules` entry, with the text of yamls/base.yaml (`defaults.ray_runtime_env`); the cluster's
+Python must have this project's requirements installed.
 """
 from __future__ import annotations
 
@@ -22,16 +23,14 @@ import copy
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..defaults import ray_runtime_env
 from .aggregate import RoundSums
 from .backbone_cache import BackboneCache
 from .privacy import Uploads
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # recbole_ext/
 
 
 def connect(address: str | None, cpus_needed: float) -> None:
@@ -41,7 +40,7 @@ def connect(address: str | None, cpus_needed: float) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
+    runtime_env = ray_runtime_env()
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
     else:
