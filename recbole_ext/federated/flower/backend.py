@@ -33,15 +33,17 @@ def serve(grid):
         _GRID = None
 
 
-def exchange(grid, messages: list, timeout: float) -> list:
-    """Push `messages`, then pull their replies until all are in or `timeout` seconds have passed."""
-    pending = {mid for mid in grid.push_messages(messages) if mid}
-    replies, deadline = [], time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending -= {reply.metadata.reply_to_message_id for reply in got}
-        if pending:
+def exchange(grid, messages: list, timeout: float) -> dict:
+    """Push `messages`, then pull their replies until all are in or `timeout` seconds have passed:
+    {node a message went to: its reply}. Keyed by the message a reply answers, not by its sender:
+    when a node stops sending heartbeats the SuperLink itself answers for it, with an error."""
+    ids = grid.push_messages(messages)
+    to = {mid: message.metadata.dst_node_id for mid, message in zip(ids, messages) if mid}
+    replies, deadline = {}, time.monotonic() + timeout
+    while len(replies) < len(to) and time.monotonic() < deadline:
+        for reply in grid.pull_messages([mid for mid in to if to[mid] not in replies]):
+            replies[to[reply.metadata.reply_to_message_id]] = reply
+        if len(replies) < len(to):
             time.sleep(POLL_SECONDS)
     return replies
 
@@ -61,20 +63,20 @@ def node_partitions(grid, nodes: int, timeout: float, config_text: str, windows,
     asks = [Message(RecordDict({"ask": ConfigRecord({"config": config_text})}), dst_node_id=node,
                     message_type=MessageType.QUERY) for node in node_ids]
     owners = {}
-    for reply in exchange(grid, asks, timeout):
+    for node, reply in exchange(grid, asks, timeout).items():
         if reply.has_error():
-            raise UserError(f"SuperNode {reply.metadata.src_node_id} could not load the run's data or say its "
+            raise UserError(f"SuperNode {node} could not load the run's data or say its "
                             f"partition: {reply.error.reason}")
         info = reply.content.config_records["node"]
         if int(info["partitions"]) != nodes:
-            raise UserError(f"SuperNode {reply.metadata.src_node_id} holds partition {info['partition']} of "
+            raise UserError(f"SuperNode {node} holds partition {info['partition']} of "
                             f"{info['partitions']}, but the run has {nodes} nodes")
         ours = node_data.partition_summary(windows, int(info["partition"]), nodes)
         mismatch = records.data_mismatch({key: info[key] for key in ours}, ours)
         if mismatch:
-            raise UserError(f"SuperNode {reply.metadata.src_node_id} (partition {info['partition']}) does not hold "
+            raise UserError(f"SuperNode {node} (partition {info['partition']}) does not hold "
                             f"the run's data: {mismatch}")
-        owners[int(info["partition"])] = reply.metadata.src_node_id
+        owners[int(info["partition"])] = node
     if sorted(owners) != list(range(nodes)):
         raise UserError(f"the SuperNodes hold partitions {sorted(owners)}, not 0 to {nodes - 1}")
     return owners
@@ -154,9 +156,8 @@ class FlowerBackend:
                     mine, round_clients, round_seed, partition, self.config_text, self.rounds_run))
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
                 sent[node] = (partition, len(mine))
-        replies = exchange(self.grid, messages, self.timeout)
+        answered = exchange(self.grid, messages, self.timeout)
         self.wire_bytes = {"down": self.grid.down, "up": self.grid.up}
-        answered = {r.metadata.src_node_id: r for r in replies}
         usable = {node: r for node, r in answered.items() if not r.has_error()}
         lost = [{"partition": partition, "node": node, "clients": count,
                  "reason": f"it failed: {answered[node].error.reason}" if node in answered else
