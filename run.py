@@ -16,6 +16,7 @@
     python run.py ablate RUN_DIR [--split valid]                       what each score term carries
     python run.py items RUN_DIR [--item-count-bins 10]                 item vectors by training interactions
     python run.py attack RUN_DIR [--clients N] [--json F]              what the server learns from one upload
+    python run.py attack --records F.json ...                          one table of attack records
     python run.py node-data --config FILE --out DIR                    each Flower node's data file
 """
 from __future__ import annotations

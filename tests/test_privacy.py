@@ -300,6 +300,17 @@ def test_the_attack_command_reports_auc_and_the_touched_rows(tmp_path, monkeypat
     assert result["scores"]["row_sent"]["auc"] == 0.5  # every row of a masked upload is non-zero
     # a sparse upload sends the touched rows with their ids, a masked one every row
     assert 0 < json.loads(out.read_text())["mb_up_per_client"] < result["mb_up_per_client"]
+    # one table of both records, the masked upload's row first whatever the order they are named in
+    capsys.readouterr()
+    assert run.main(["attack", "--records", str(out), str(masked)]) == 0
+    header, _, first, second = capsys.readouterr().out.strip().splitlines()
+    assert header.startswith("| upload | row_norm AUC (mean ± std) | row_norm precision@\\|history\\| | row_sent")
+    assert first.startswith(f"| secure aggregation + DP clip 0.1, noise 1.0 | {result['scores']['row_norm']['auc']:.3f} ± ")
+    assert first.endswith(f" | 0.500 ± 0.000 | {result['scores']['row_sent']['precision_at_history']:.3f} | "
+                          f"{result['mb_up_per_client']:.3f} |")
+    assert second.startswith("| sparse uploads + DP clip 0.1, noise 1.0 | ")
+    assert run.main(["attack", "--records", str(tmp_path / "sparse" / "summary.json")]) == 2
+    assert "not an attack record" in " ".join(capsys.readouterr().err.split())  # wrapped
 
 
 def test_the_epsilons_privacy_md_quotes_are_the_pinned_accountants():

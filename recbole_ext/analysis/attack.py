@@ -153,16 +153,39 @@ def attack(run_dir: str, clients: int = 32, seed: int = 0, sets: list[str] = ())
     return out
 
 
-def table(result: dict) -> str:
-    lines = ["| score | ROC-AUC (mean ± std) | precision@|history| |", "|---|---|---|"]
-    for name, s in result["scores"].items():
-        lines.append(f"| {name} | {s['auc']:.3f} ± {s['auc_std']:.3f} | {s['precision_at_history']:.3f} |")
+def upload_label(setting: dict) -> str:
+    """A record's upload setting in words, e.g. "secure aggregation" or "DP clip 1.0, noise 1.5"."""
+    parts = [name for key, name in (("secaggplus", "SecAgg+"), ("secure_aggregation", "secure aggregation"),
+                                    ("sparse_uploads", "sparse uploads")) if setting[key]]
+    if setting["dp"]:
+        parts.append(f"DP clip {setting['dp']['clip_norm']}, noise {setting['dp']['noise_multiplier']}")
+    return " + ".join(parts) or "plain"
+
+
+def table(records: list[dict]) -> str:
+    """One row per attack record (one upload setting): each score's AUC and precision, and the
+    upload's size. Rows in a fixed order whatever the records' order: plain, masked, sparse, DP by noise."""
+    records = sorted(records, key=lambda r: (r["upload"]["dp"] is not None,
+                                             (r["upload"]["dp"] or {}).get("noise_multiplier", 0),
+                                             r["upload"]["sparse_uploads"],
+                                             r["upload"]["secure_aggregation"] or r["upload"]["secaggplus"]))
+    names = list(dict.fromkeys(name for r in records for name in r["scores"]))
+    head = ["upload"] + [f"{name} {part}" for name in names
+                         for part in ("AUC (mean ± std)", "precision@\\|history\\|")] + ["MB per upload"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = [upload_label(r["upload"])]
+        for name in names:
+            s = r["scores"].get(name)
+            cells += [f"{s['auc']:.3f} ± {s['auc_std']:.3f}", f"{s['precision_at_history']:.3f}"] if s else ["–", "–"]
+        cells.append(f"{r['mb_up_per_client']:.3f}" if "mb_up_per_client" in r else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="run.py attack", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
     parser.add_argument("--clients", type=int, default=32,
                         help="clients to attack, also the round's clients (mask partners); default 32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the client sample and tie-breaking")
@@ -170,7 +193,16 @@ def main(argv: list[str]) -> None:
                         help="upload setting to attack instead of the run's own, e.g. "
                              "--set federated.sparse_uploads=true (repeatable)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
+    parser.add_argument("--records", nargs="+", metavar="FILE",
+                        help="instead of attacking a run, print one table of these --json records")
     args = parser.parse_args(argv)
+    if args.records:
+        if args.run_dir:
+            raise UserError("give a RUN_DIR to attack or --records to print, not both")
+        print(table([read_record(path) for path in args.records]))
+        return
+    if not args.run_dir:
+        raise UserError("run.py attack needs a RUN_DIR (or --records FILE ...)")
     if args.clients < 2:  # they are also the round: one client alone has no mask partner
         raise UserError(f"--clients must be >= 2, got {args.clients}")
     result = attack(args.run_dir, args.clients, args.seed, args.set)
@@ -179,6 +211,16 @@ def main(argv: list[str]) -> None:
                                             if "mb_up_per_client" in result else ""))
     if "upload_norm" in result:
         print("upload L2 norm: " + ", ".join(f"{k} {v:.4g}" for k, v in result["upload_norm"].items()))
-    print(result["note"] if "note" in result else table(result))
+    print(result["note"] if "note" in result else table([result]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def read_record(path: str) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable attack record ({error})") from error
+    if not {"upload", "scores"} <= set(record):
+        raise UserError(f"{path}: not an attack record (no 'upload' and 'scores'; written by run.py attack --json)")
+    return record
