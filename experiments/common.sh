@@ -23,3 +23,16 @@ stage_run() {
       --set run_dir="$run" $(resume "$run") "$@"
   runs+=("$run")
 }
+
+# The seed-2020 ML-1M runs that docs/PRIVACY.md and docs/TUNING.md measure: the full-softmax stage 1
+# (experiments/ml1m.sh's stage1_ce) into $ML1M_STAGE1, and a stage 2 on it at the stability sweep's best
+# point (trial a22e3_00002) into $ML1M_STAGE2_BEST. Each skipped once finished, resumed if interrupted.
+ML1M_STAGE1=runs/ml1m/seed2020/stage1_ce
+ML1M_STAGE2_BEST=runs/ml1m/seed2020/stage2_a22e3_00002
+ml1m_sweep_runs() {
+  local seed=2020
+  stage_run yamls/ml1m/stage1_earlier.yaml $ML1M_STAGE1 --set loss.type=ce --set name=ml1m-stage1-ce
+  stage_run yamls/ml1m/tune_stage2.yaml $ML1M_STAGE2_BEST --set name=ml1m-stage2-a22e3_00002 \
+    --set federated.server_lr=0.0010011373065720282 --set model.projector_init_gain=3.362439397175419 \
+    --set "load=[{checkpoint: $ML1M_STAGE1/best.pt, groups: $BACKBONE}]"
+}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import run
-from conftest import ROOT, round_update, tiny_config
+from conftest import ROOT, round_update, tables_in, tiny_config
 from recbole_ext.analysis.attack import auc_and_precision, item_scores, server_view, upload_scores
 from recbole_ext.federated.backends import BACKENDS
 from recbole_ext.federated.privacy import (ITEM_ROWS, MODULUS, Accountant, Uploads, clip_, decode,
@@ -326,3 +326,47 @@ def test_the_epsilons_privacy_md_quotes_are_the_pinned_accountants():
         digits = text.split(" (")[0].split()[-1]
         decimals = len(digits.split(".")[1]) if "." in digits else 0
         assert f"{epsilon:,.{decimals}f}" == digits and text in page, (noise, per_round, epsilon, text)
+
+
+def test_privacy_md_quotes_its_records():
+    """The numbers docs/PRIVACY.md gives outside its printed tables are those of the records in
+    docs/results/privacy/: the cost table's measured rows and the prose's."""
+    folder = ROOT / "docs" / "results" / "privacy"
+    page = (ROOT / "docs" / "PRIVACY.md").read_text()
+    flat = " ".join(page.split())
+    attacks = {name: json.loads((folder / f"attack-ml1m-stage1-{name}.json").read_text())
+               for name in ("none", "secure", "sparse", "dp1.5")}
+
+    def test_metrics(record: str) -> dict:
+        rows = {r["protocol"]: r for r in json.loads((folder / record).read_text()) if r["split"] == "test"}
+        return {"full": rows["full"]["metrics"], "uni100": rows["uni100"]["metrics"],
+                "mb": (rows["full"]["bytes_up_per_round"] or 0) / 1e6, "wall": rows["full"]["wall_seconds"]}
+
+    [costs] = [table for table in tables_in(page) if table.startswith("| setting | epsilon at delta")]
+
+    def row(label: str) -> list[str]:
+        [line] = [line for line in costs.splitlines() if line.startswith(f"| {label} |")]
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    none, popularity = test_metrics("ml1m-stage1-ce-seed2020.json"), test_metrics("ml1m-popularity.json")
+    pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
+    assert row("none")[2:5] == [pair(none["full"]), pair(none["uni100"]), f"{none['mb']:.1f}"]
+    assert row("popularity (no training, for scale)")[2:4] == [pair(popularity["full"]), pair(popularity["uni100"])]
+    for label, name in (("secure aggregation", "secure"), ("sparse uploads", "sparse")):
+        assert row(label)[4] == f"{attacks[name]['mb_up_per_client'] * 128:.1f}"
+    stage2 = {name: json.loads((folder / f"attack-ml1m-stage2-{name}.json").read_text())["scores"]
+              for name in ("plain", "secure")}
+    plain, masked = attacks["none"]["scores"], attacks["secure"]["scores"]
+    norms = attacks["none"]["upload_norm"]
+    quoted = [f"AUC {plain['row_norm']['auc']:.3f}; a masked one {masked['row_norm']['auc']:.3f}",
+              f"puts {plain['row_norm']['precision_at_history']:.1%} of a user's history",
+              f"(AUC {masked['row_norm']['auc']:.3f}, precision {masked['row_norm']['precision_at_history']:.3f}, "
+              f"the base rate being {plain['row_sent']['precision_at_history']:.3f})",
+              f"{attacks['sparse']['mb_up_per_client']:.3f} MB against {attacks['none']['mb_up_per_client']:.3f} MB",
+              f"L2 norms from {norms['min']:.1f} to {norms['max']:.1f} (median {norms['median']:.1f}, "
+              f"90th percentile {norms['p90']:.1f}",
+              f"The record's wall time ({none['wall']:,.0f} s)",
+              f"ranks {stage2['plain']['text_response']['precision_at_history']:.0%} of a user's history",
+              f"the image score's {stage2['secure']['image_response']['auc']:.3f} is the public fact"]
+    for text in quoted:
+        assert text in flat, f"PRIVACY.md does not say {text!r}, which its records give"

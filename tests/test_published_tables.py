@@ -1,8 +1,9 @@
 """A table published in docs/ is what its command prints from the records committed beside it, and the
 page quotes it unchanged: neither can drift from the data.
 
-Each entry: a committed record, the Markdown the command printed when it wrote it, and the function
-that prints that Markdown from the record alone."""
+Each entry: the Markdown a command printed when it wrote a committed record, and the function that
+prints that Markdown from the record alone; an attack table (`attack-NAME.md`) is printed from the
+attack records `attack-NAME-*.json` together (`run.py attack --records`)."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,20 @@ import json
 import pytest
 
 from conftest import ROOT, tables_in
-from recbole_ext.analysis import compare, curves, report, results
+from recbole_ext.analysis import attack, compare, curves, report, results
 
 # records folder -> the page that quotes its tables
 PAGES = {ROOT / "docs" / "results" / "federation-gap": ROOT / "docs" / "FEDERATION.md",
-         ROOT / "docs" / "results" / "amazon-beauty-backbone": ROOT / "docs" / "RESULTS-BEAUTY.md"}
+         ROOT / "docs" / "results" / "amazon-beauty-backbone": ROOT / "docs" / "RESULTS-BEAUTY.md",
+         ROOT / "docs" / "results" / "privacy": ROOT / "docs" / "PRIVACY.md"}
 
 
-def reprint(record) -> str:
+def reprint(printed) -> str:
+    if printed.name.startswith("attack-"):
+        records = sorted(printed.parent.glob(f"{printed.stem}-*.json"))
+        assert records, f"{printed.name}: no attack records {printed.stem}-*.json beside it"
+        return attack.table([json.loads(r.read_text()) for r in records])
+    record = printed.with_suffix(".json")
     data = json.loads(record.read_text())
     if record.name.endswith("-curves.json"):
         return curves.table(data)
@@ -26,7 +33,7 @@ def reprint(record) -> str:
     return results.tables(data)
 
 
-PUBLISHED = sorted(record for folder in PAGES if folder.is_dir() for record in folder.glob("*.json"))
+PUBLISHED = sorted(printed for folder in PAGES if folder.is_dir() for printed in folder.glob("*.md"))
 
 
 @pytest.mark.parametrize("folder", sorted(PAGES))
@@ -34,14 +41,21 @@ def test_there_are_published_tables(folder):
     assert list(folder.glob("*.json")), f"{folder}: no records"
 
 
-@pytest.mark.parametrize("record", PUBLISHED, ids=lambda r: f"{r.parent.name}/{r.name}")
-def test_a_published_table_is_its_records_reprinted_and_quoted_on_its_page(record):
-    printed = record.with_suffix(".md").read_text().strip()
-    assert reprint(record).strip() == printed, f"{record.name}: the committed table is not what its record prints"
-    page = PAGES[record.parent]
+@pytest.mark.parametrize("printed", PUBLISHED, ids=lambda r: f"{r.parent.name}/{r.name}")
+def test_a_published_table_is_its_records_reprinted_and_quoted_on_its_page(printed):
+    assert reprint(printed).strip() == printed.read_text().strip(), \
+        f"{printed.name}: the committed table is not what its records print"
+    page = PAGES[printed.parent]
     quoted = tables_in(page.read_text())  # whole tables: a row added by hand fails too
-    for table in tables_in(printed):
-        assert table in quoted, f"{page.name} does not quote this table of {record.name} unchanged:\n{table}"
+    for table in tables_in(printed.read_text()):
+        assert table in quoted, f"{page.name} does not quote this table of {printed.name} unchanged:\n{table}"
+
+
+def test_every_record_has_its_printed_table():
+    for folder in PAGES:
+        for record in folder.glob("*.json"):
+            stem = record.stem.rsplit("-", 1)[0] if record.name.startswith("attack-") else record.stem
+            assert (folder / f"{stem}.md").is_file(), f"{record}: no table printed from it ({stem}.md)"
 
 
 def test_the_readme_demo_table_is_its_record_reprinted():
