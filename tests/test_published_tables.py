@@ -16,7 +16,8 @@ from recbole_ext.analysis import attack, compare, curves, report, results
 # records folder -> the page that quotes its tables
 PAGES = {ROOT / "docs" / "results" / "federation-gap": ROOT / "docs" / "FEDERATION.md",
          ROOT / "docs" / "results" / "amazon-beauty-backbone": ROOT / "docs" / "RESULTS-BEAUTY.md",
-         ROOT / "docs" / "results" / "privacy": ROOT / "docs" / "PRIVACY.md"}
+         ROOT / "docs" / "results" / "privacy": ROOT / "docs" / "PRIVACY.md",
+         ROOT / "docs" / "results" / "tuning-ml1m": ROOT / "docs" / "TUNING.md"}
 
 
 def reprint(printed) -> str:
@@ -63,3 +64,32 @@ def test_the_readme_demo_table_is_its_record_reprinted():
     assert [r["name"] for r in records] == ["baseline-pop", "demo-stage1", "demo-stage2", "demo-stage3"]
     assert report.table(records) in (ROOT / "README.md").read_text(), \
         "README.md does not quote what `run.py report` prints from docs/results/demo/demo.json"
+
+
+def test_tuning_md_ml1m_columns_are_its_records():
+    """docs/TUNING.md's table of the stage-2 defaults against the sweep's best: its two ML-1M columns
+    are what the records in docs/results/tuning-ml1m/ hold."""
+    folder = ROOT / "docs" / "results" / "tuning-ml1m"
+    [table] = [t for t in tables_in((ROOT / "docs" / "TUNING.md").read_text()) if t.startswith("| | ML-1M default |")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in table.splitlines()[2:]}
+
+    def run(name: str) -> dict:
+        return {(r["split"], r["protocol"]): r for r in json.loads((folder / f"ml1m-stage2-{name}.json").read_text())}
+
+    def overall_ndcg(name: str) -> str:
+        [row] = [r for r in json.loads((folder / f"compare-{name}.json").read_text())["rows"]
+                 if r["slice"] == "overall" and (r["protocol"], r["metric"]) == ("full", "ndcg@10")]
+        return f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−")
+
+    pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
+    default, best = run("default"), run("a22e3_00002")
+    for column, records in enumerate((default, best)):
+        test = records["test", "full"]
+        assert rows["best round (valid)"][column] == str(test["best_round"])
+        assert rows["valid full NDCG@10"][column] == f"{records['valid', 'full']['metrics']['ndcg@10']:.4f}"
+        assert rows["test full HR@10 / NDCG@10"][column] == pair(test["metrics"])
+        assert rows["test uni100 HR@10 / NDCG@10"][column] == pair(records["test", "uni100"]["metrics"])
+        assert rows["wall time"][column] == f"{test['wall_seconds']:,.0f} s"
+    assert rows["test full NDCG@10, best − default"][1] == overall_ndcg("ml1m-stage2-default-best")
+    assert rows["test full NDCG@10, − stage 1 on the same users"] == [
+        overall_ndcg("ml1m-stage1-stage2-default"), overall_ndcg("ml1m-stage1-stage2-best")]

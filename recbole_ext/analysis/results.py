@@ -4,8 +4,8 @@ figures of docs/RESULTS.md.
 One record per (run, protocol, split) with `model`, `trainer`, `stage`, `variant`, `seed`,
 `protocol`, `split`, `metrics` (the summary's numbers) and `slices` (slice label -> {users, metrics};
 null for runs written before slices existed), plus context read from the run folder
-(`run`, `dataset`, `trainable_params`, `bytes_up_per_round`, `rounds`, `wall_seconds`, `machine`,
-`finished`), null where the folder does not tell. Runs written before a summary key existed fall
+(`run`, `dataset`, `trainable_params`, `bytes_up_per_round`, `rounds`, `best_round`, `wall_seconds`,
+`machine`, `finished`), null where the folder does not tell. Runs written before a summary key existed fall
 back to config.yaml and metrics.jsonl.
 
 The variant is inferred from the run's config.yaml:
@@ -210,6 +210,7 @@ def records(run: Run) -> list[dict]:
         "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)
                                if federated and rounds and all("bytes_up" in r for r in rounds) else None),
         "rounds": _first(run.given("rounds_run"), len(rounds) or None) if federated else None,
+        "best_round": run.given("best_round") if federated else None,
         "wall_seconds": run.given("wall_seconds"),
         "machine": run.given("machine"),
         "finished": run.summary is not None,
