@@ -6,6 +6,7 @@
 # run is skipped, an interrupted one continues (run the same command again).
 #
 #   OMP_NUM_THREADS=1 experiments/privacy_records.sh        records into docs/results/privacy/
+#   DP_NOISE="1.5" ...                                       only these DP rows (default: 1.5 2.0 0.5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,6 +21,12 @@ P=runs/ml1m/popularity
 
 "$PY" run.py results $R --out $D/ml1m-stage1-ce-seed2020.json > $D/ml1m-stage1-ce-seed2020.md
 "$PY" run.py results $P --out $D/ml1m-popularity.json > $D/ml1m-popularity.md
+for z in ${DP_NOISE:-1.5 2.0 0.5}; do  # the DP rows: the "none" run with user-level DP, about 50 min each
+  seed=2020 stage_run yamls/ml1m/stage1_earlier.yaml runs/ml1m/seed2020/stage1_ce_dp$z --set loss.type=ce \
+    --set name=ml1m-stage1-ce-dp$z --set "federated.dp={clip_norm: 1.0, noise_multiplier: $z, delta: null}"
+  "$PY" run.py results runs/ml1m/seed2020/stage1_ce_dp$z --out $D/ml1m-stage1-ce-dp$z-seed2020.json \
+    > $D/ml1m-stage1-ce-dp$z-seed2020.md
+done
 attack() {  # attack NAME RUN [--set ...]: one record, what the server learns from one upload under a setting
   local name=$1 run=$2; shift 2
   "$PY" run.py attack "$run" --clients 32 --json "$D/attack-$name.json" "$@"

@@ -352,6 +352,8 @@ def test_privacy_md_quotes_its_records():
     pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
     assert row("none")[2:5] == [pair(none["full"]), pair(none["uni100"]), f"{none['mb']:.1f}"]
     assert row("popularity (no training, for scale)")[2:4] == [pair(popularity["full"]), pair(popularity["uni100"])]
+    dp = test_metrics("ml1m-stage1-ce-dp1.5-seed2020.json")
+    assert row("DP, clip 1.0, noise 1.5")[2:5] == [pair(dp["full"]), pair(dp["uni100"]), f"{dp['mb']:.1f}"]
     for label, name in (("secure aggregation", "secure"), ("sparse uploads", "sparse")):
         assert row(label)[4] == f"{attacks[name]['mb_up_per_client'] * 128:.1f}"
     stage2 = {name: json.loads((folder / f"attack-ml1m-stage2-{name}.json").read_text())["scores"]
@@ -367,6 +369,9 @@ def test_privacy_md_quotes_its_records():
               f"90th percentile {norms['p90']:.1f}",
               f"The record's wall time ({none['wall']:,.0f} s)",
               f"ranks {stage2['plain']['text_response']['precision_at_history']:.0%} of a user's history",
-              f"the image score's {stage2['secure']['image_response']['auc']:.3f} is the public fact"]
+              f"the image score's {stage2['secure']['image_response']['auc']:.3f} is the public fact",
+              f"noise 1.5 (epsilon 9.31), reaches {dp['full']['ndcg@10']:.4f}: "
+              f"{dp['full']['ndcg@10'] / none['full']['ndcg@10']:.1%} of the non-private value",
+              f"{dp['wall']:,.0f} s with one other run beside it"]
     for text in quoted:
         assert text in flat, f"PRIVACY.md does not say {text!r}, which its records give"
