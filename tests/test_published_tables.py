@@ -16,6 +16,7 @@ from recbole_ext.analysis import attack, compare, curves, report, results
 # records folder -> the page that quotes its tables
 PAGES = {ROOT / "docs" / "results" / "federation-gap": ROOT / "docs" / "FEDERATION.md",
          ROOT / "docs" / "results" / "amazon-beauty-backbone": ROOT / "docs" / "RESULTS-BEAUTY.md",
+         ROOT / "docs" / "results" / "ml1m-backbone": ROOT / "docs" / "RESULTS-ML1M.md",
          ROOT / "docs" / "results" / "privacy": ROOT / "docs" / "PRIVACY.md",
          ROOT / "docs" / "results" / "tuning-ml1m": ROOT / "docs" / "TUNING.md"}
 
