@@ -18,7 +18,8 @@ PAGES = {ROOT / "docs" / "results" / "federation-gap": ROOT / "docs" / "FEDERATI
          ROOT / "docs" / "results" / "amazon-beauty-backbone": ROOT / "docs" / "RESULTS-BEAUTY.md",
          ROOT / "docs" / "results" / "ml1m-backbone": ROOT / "docs" / "RESULTS-ML1M.md",
          ROOT / "docs" / "results" / "privacy": ROOT / "docs" / "PRIVACY.md",
-         ROOT / "docs" / "results" / "tuning-ml1m": ROOT / "docs" / "TUNING.md"}
+         ROOT / "docs" / "results" / "tuning-ml1m": ROOT / "docs" / "TUNING.md",
+         ROOT / "docs" / "results" / "ml1m-stage2-choice": ROOT / "docs" / "TUNING.md"}
 
 
 def reprint(printed) -> str:
@@ -94,3 +95,26 @@ def test_tuning_md_ml1m_columns_are_its_records():
     assert rows["test full NDCG@10, best − default"][1] == overall_ndcg("ml1m-stage2-default-best")
     assert rows["test full NDCG@10, − stage 1 on the same users"] == [
         overall_ndcg("ml1m-stage1-stage2-default"), overall_ndcg("ml1m-stage1-stage2-best")]
+
+
+def test_tuning_md_stage3_table_seed_2020_rows_are_its_records():
+    """docs/TUNING.md's per-seed paired table of the stage 3 on the default and on the best stage 2:
+    each seed-2020 row is what its record in docs/results/ml1m-stage2-choice/ holds."""
+    folder = ROOT / "docs" / "results" / "ml1m-stage2-choice"
+    [table] = [t for t in tables_in((ROOT / "docs" / "TUNING.md").read_text())
+               if t.startswith("| test, B − A | seed |")]
+    columns = [("overall", "full", "hit@10"), ("overall", "full", "ndcg@10"), ("overall", "uni100", "ndcg@10"),
+               ("item 10-49", "full", "ndcg@10"), ("item 10-49", "uni100", "ndcg@10")]
+    records = {"stage 3 on best − stage 3 on default": "stage3_ce-stage3_ce_tuned",
+               "stage 3 on default − stage 1": "stage1_ce-stage3_ce",
+               "stage 3 on best − stage 1": "stage1_ce-stage3_ce_tuned"}
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    seed_2020 = {row[0]: row[2:] for row in rows if row[1] == "2020"}
+    assert set(seed_2020) == set(records)
+    for label, name in records.items():
+        compared = json.loads((folder / f"compare-{name}-seed2020.json").read_text())["rows"]
+        expected = []
+        for slice_, protocol, metric in columns:
+            [row] = [r for r in compared if (r["slice"], r["protocol"], r["metric"]) == (slice_, protocol, metric)]
+            expected.append(f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−"))
+        assert seed_2020[label] == expected, label
