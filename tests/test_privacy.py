@@ -352,11 +352,11 @@ def test_privacy_md_quotes_its_records():
     pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
     assert row("none")[2:5] == [pair(none["full"]), pair(none["uni100"]), f"{none['mb']:.1f}"]
     assert row("popularity (no training, for scale)")[2:4] == [pair(popularity["full"]), pair(popularity["uni100"])]
-    for noise in ("1.5", "2.0"):
+    for noise in ("1.5", "2.0", "0.5"):
         recorded = test_metrics(f"ml1m-stage1-ce-dp{noise}-seed2020.json")
         assert row(f"DP, clip 1.0, noise {noise}")[2:5] == [pair(recorded["full"]), pair(recorded["uni100"]),
                                                             f"{recorded['mb']:.1f}"]
-    dp, dp2 = test_metrics("ml1m-stage1-ce-dp1.5-seed2020.json"), test_metrics("ml1m-stage1-ce-dp2.0-seed2020.json")
+    dp, dp2, dp05 = (test_metrics(f"ml1m-stage1-ce-dp{noise}-seed2020.json") for noise in ("1.5", "2.0", "0.5"))
     for label, name in (("secure aggregation", "secure"), ("sparse uploads", "sparse")):
         assert row(label)[4] == f"{attacks[name]['mb_up_per_client'] * 128:.1f}"
     stage2 = {name: json.loads((folder / f"attack-ml1m-stage2-{name}.json").read_text())["scores"]
@@ -375,6 +375,8 @@ def test_privacy_md_quotes_its_records():
               f"the image score's {stage2['secure']['image_response']['auc']:.3f} is the public fact",
               f"noise 1.5 (epsilon 9.31), reaches {dp['full']['ndcg@10']:.4f}: "
               f"{dp['full']['ndcg@10'] / none['full']['ndcg@10']:.1%} of the non-private value",
-              f"{dp['wall']:,.0f} s with one other run beside it, and {dp2['wall']:,.0f} s"]
+              f"{dp['wall']:,.0f} s with one other run beside it", f"{dp2['wall']:,.0f} s with one other run",
+              f"{dp05['wall']:,.0f} s with one other run",
+              f"popularity level after 600 rounds ({dp05['full']['ndcg@10']:.4f})"]
     for text in quoted:
         assert text in flat, f"PRIVACY.md does not say {text!r}, which its records give"
