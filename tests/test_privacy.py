@@ -352,11 +352,11 @@ def test_privacy_md_quotes_its_records():
     pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
     assert row("none")[2:5] == [pair(none["full"]), pair(none["uni100"]), f"{none['mb']:.1f}"]
     assert row("popularity (no training, for scale)")[2:4] == [pair(popularity["full"]), pair(popularity["uni100"])]
-    for noise in ("1.5", "2.0", "0.5"):
-        recorded = test_metrics(f"ml1m-stage1-ce-dp{noise}-seed2020.json")
+    dps = {noise: test_metrics(f"ml1m-stage1-ce-dp{noise}-seed2020.json") for noise in ("1.5", "2.0", "0.5")}
+    for noise, recorded in dps.items():
         assert row(f"DP, clip 1.0, noise {noise}")[2:5] == [pair(recorded["full"]), pair(recorded["uni100"]),
                                                             f"{recorded['mb']:.1f}"]
-    dp, dp2, dp05 = (test_metrics(f"ml1m-stage1-ce-dp{noise}-seed2020.json") for noise in ("1.5", "2.0", "0.5"))
+    dp, dp2, dp05 = dps.values()
     for label, name in (("secure aggregation", "secure"), ("sparse uploads", "sparse")):
         assert row(label)[4] == f"{attacks[name]['mb_up_per_client'] * 128:.1f}"
     stage2 = {name: json.loads((folder / f"attack-ml1m-stage2-{name}.json").read_text())["scores"]
