@@ -68,6 +68,11 @@ def test_the_readme_demo_table_is_its_record_reprinted():
         "README.md does not quote what `run.py report` prints from docs/results/demo/demo.json"
 
 
+def interval(row: dict) -> str:
+    """A compare record's row as the pages write a difference: +0.0010 [−0.0005, +0.0025]."""
+    return f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−")
+
+
 def test_tuning_md_ml1m_columns_are_its_records():
     """docs/TUNING.md's table of the stage-2 defaults against the sweep's best: its two ML-1M columns
     are what the records in docs/results/tuning-ml1m/ hold."""
@@ -81,7 +86,7 @@ def test_tuning_md_ml1m_columns_are_its_records():
     def overall_ndcg(name: str) -> str:
         [row] = [r for r in json.loads((folder / f"compare-{name}.json").read_text())["rows"]
                  if r["slice"] == "overall" and (r["protocol"], r["metric"]) == ("full", "ndcg@10")]
-        return f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−")
+        return interval(row)
 
     pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
     default, best = run("default"), run("a22e3_00002")
@@ -116,5 +121,5 @@ def test_tuning_md_stage3_table_seed_2020_rows_are_its_records():
         expected = []
         for slice_, protocol, metric in columns:
             [row] = [r for r in compared if (r["slice"], r["protocol"], r["metric"]) == (slice_, protocol, metric)]
-            expected.append(f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−"))
+            expected.append(interval(row))
         assert seed_2020[label] == expected, label
