@@ -18,6 +18,7 @@ PRINTERS = {
     "benchmarks-gpu.json": ("federated_round", "markdown"),
     "benchmarks-pooled-round.json": ("pooled_round", "table"),
     "benchmarks-flower.json": ("flower_round", "table"),
+    "benchmarks-test-suite.json": ("test_suite", "table"),
 }
 # The page quotes these in its prose, in no table.
 PROSE_ONLY = {"benchmarks-client-memory.json", "soak-cpu.json"}
