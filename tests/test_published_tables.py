@@ -19,6 +19,7 @@ PAGES = {ROOT / "docs" / "results" / "federation-gap": ROOT / "docs" / "FEDERATI
          ROOT / "docs" / "results" / "ml1m-backbone": ROOT / "docs" / "RESULTS-ML1M.md",
          ROOT / "docs" / "results" / "privacy": ROOT / "docs" / "PRIVACY.md",
          ROOT / "docs" / "results" / "tuning-ml1m": ROOT / "docs" / "TUNING.md",
+         ROOT / "docs" / "results" / "tuning-beauty": ROOT / "docs" / "TUNING.md",
          ROOT / "docs" / "results" / "ml1m-stage2-choice": ROOT / "docs" / "TUNING.md"}
 
 
@@ -73,38 +74,41 @@ def interval(row: dict) -> str:
     return f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−")
 
 
-def test_tuning_md_ml1m_columns_are_its_records():
-    """docs/TUNING.md's table of the stage-2 defaults against the sweep's best: its two ML-1M columns
-    are what the records in docs/results/tuning-ml1m/ hold."""
-    folder = ROOT / "docs" / "results" / "tuning-ml1m"
+@pytest.mark.parametrize("dataset, columns, best", [("ml1m", (0, 1), "a22e3_00002"), ("beauty", (2, 3), "94bce_00001")])
+def test_tuning_md_default_and_best_columns_are_their_records(dataset, columns, best):
+    """docs/TUNING.md's table of the stage-2 defaults against the sweep's best: each dataset's two
+    columns are what the records in docs/results/tuning-DATASET/ hold."""
+    folder = ROOT / "docs" / "results" / f"tuning-{dataset}"
     [table] = [t for t in tables_in((ROOT / "docs" / "TUNING.md").read_text()) if t.startswith("| | ML-1M default |")]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in table.splitlines()[2:]}
+    rows = {line.split("|")[1].strip(): [line.split("|")[2 + c].strip() for c in columns]
+            for line in table.splitlines()[2:]}
 
     def run(name: str) -> dict:
-        return {(r["split"], r["protocol"]): r for r in json.loads((folder / f"ml1m-stage2-{name}.json").read_text())}
+        records = json.loads((folder / f"{dataset}-stage2-{name}.json").read_text())
+        return {(r["split"], r["protocol"]): r for r in records}
 
     def overall_ndcg(name: str) -> str:
-        [row] = [r for r in json.loads((folder / f"compare-{name}.json").read_text())["rows"]
+        [row] = [r for r in json.loads((folder / f"compare-{dataset}-{name}.json").read_text())["rows"]
                  if r["slice"] == "overall" and (r["protocol"], r["metric"]) == ("full", "ndcg@10")]
         return interval(row)
 
     pair = lambda m: f"{m['hit@10']:.4f} / {m['ndcg@10']:.4f}"
-    default, best = run("default"), run("a22e3_00002")
-    for column, records in enumerate((default, best)):
+    for column, records in enumerate((run("default"), run(best))):
         test = records["test", "full"]
         assert rows["best round (valid)"][column] == str(test["best_round"])
         assert rows["valid full NDCG@10"][column] == f"{records['valid', 'full']['metrics']['ndcg@10']:.4f}"
         assert rows["test full HR@10 / NDCG@10"][column] == pair(test["metrics"])
         assert rows["test uni100 HR@10 / NDCG@10"][column] == pair(records["test", "uni100"]["metrics"])
         assert rows["wall time"][column] == f"{test['wall_seconds']:,.0f} s"
-    assert rows["test full NDCG@10, best − default"][1] == overall_ndcg("ml1m-stage2-default-best")
+    assert rows["test full NDCG@10, best − default"][1] == overall_ndcg("stage2-default-best")
     assert rows["test full NDCG@10, − stage 1 on the same users"] == [
-        overall_ndcg("ml1m-stage1-stage2-default"), overall_ndcg("ml1m-stage1-stage2-best")]
+        overall_ndcg("stage1-stage2-default"), overall_ndcg("stage1-stage2-best")]
 
 
-def test_tuning_md_stage3_table_seed_2020_rows_are_its_records():
+@pytest.mark.parametrize("seed", ["2020"])
+def test_tuning_md_stage3_table_rows_are_their_records(seed):
     """docs/TUNING.md's per-seed paired table of the stage 3 on the default and on the best stage 2:
-    each seed-2020 row is what its record in docs/results/ml1m-stage2-choice/ holds."""
+    each row of a seed is what its record in docs/results/ml1m-stage2-choice/ holds."""
     folder = ROOT / "docs" / "results" / "ml1m-stage2-choice"
     [table] = [t for t in tables_in((ROOT / "docs" / "TUNING.md").read_text())
                if t.startswith("| test, B − A | seed |")]
@@ -113,13 +117,17 @@ def test_tuning_md_stage3_table_seed_2020_rows_are_its_records():
     records = {"stage 3 on best − stage 3 on default": "stage3_ce-stage3_ce_tuned",
                "stage 3 on default − stage 1": "stage1_ce-stage3_ce",
                "stage 3 on best − stage 1": "stage1_ce-stage3_ce_tuned"}
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
-    seed_2020 = {row[0]: row[2:] for row in rows if row[1] == "2020"}
-    assert set(seed_2020) == set(records)
+    ours, label = {}, None
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        label = cells[0] or label  # a comparison's first row names it, the seeds after it leave it blank
+        if cells[1] == seed:
+            ours[label] = cells[2:]
+    assert set(ours) == set(records)
     for label, name in records.items():
-        compared = json.loads((folder / f"compare-{name}-seed2020.json").read_text())["rows"]
+        compared = json.loads((folder / f"compare-{name}-seed{seed}.json").read_text())["rows"]
         expected = []
         for slice_, protocol, metric in columns:
             [row] = [r for r in compared if (r["slice"], r["protocol"], r["metric"]) == (slice_, protocol, metric)]
             expected.append(interval(row))
-        assert seed_2020[label] == expected, label
+        assert ours[label] == expected, label
