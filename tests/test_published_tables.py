@@ -105,7 +105,7 @@ def test_tuning_md_default_and_best_columns_are_their_records(dataset, columns, 
         overall_ndcg("stage1-stage2-default"), overall_ndcg("stage1-stage2-best")]
 
 
-@pytest.mark.parametrize("seed", ["2020"])
+@pytest.mark.parametrize("seed", ["2020", "2021", "2022"])
 def test_tuning_md_stage3_table_rows_are_their_records(seed):
     """docs/TUNING.md's per-seed paired table of the stage 3 on the default and on the best stage 2:
     each row of a seed is what its record in docs/results/ml1m-stage2-choice/ holds."""
