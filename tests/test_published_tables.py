@@ -7,6 +7,7 @@ attack records `attack-NAME-*.json` together (`run.py attack --records`)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -69,9 +70,57 @@ def test_the_readme_demo_table_is_its_record_reprinted():
         "README.md does not quote what `run.py report` prints from docs/results/demo/demo.json"
 
 
+def test_results_beauty_quotes_the_seed_table_of_the_earlier_backbone():
+    """docs/RESULTS-BEAUTY.md's earlier backbone is given by the seed table `run.py results` printed when
+    it wrote docs/results/amazon-beauty.json, reprinted from that record and quoted unchanged."""
+    records = json.loads((ROOT / "docs" / "results" / "amazon-beauty.json").read_text())
+    [table] = tables_in(results.markdown_table(records))
+    assert table in tables_in((ROOT / "docs" / "RESULTS-BEAUTY.md").read_text()), \
+        "RESULTS-BEAUTY.md does not quote the seed table of docs/results/amazon-beauty.json unchanged"
+
+
 def interval(row: dict) -> str:
     """A compare record's row as the pages write a difference: +0.0010 [−0.0005, +0.0025]."""
     return f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]".replace("-", "−")
+
+
+# A paired interval as the pages write one: two signed numbers in brackets, [−0.0005, +0.0025]. The
+# closing bracket is not required ("[−0.0417, −0.0178 for the difference]" is one too) and a line may
+# break after the comma; a pair without signs (a YAML list such as `[0.05, 0.1]`) is not an interval.
+SIGNED = r"[+\-−]\d+\.\d+"
+INTERVAL = re.compile(rf"\[\s*({SIGNED}),\s*({SIGNED})")
+RESULT_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMPARE_RECORDS = sorted((ROOT / "docs" / "results").glob("**/*compare-*.json"))
+
+
+def interval_bounds(text: str) -> list[tuple[re.Match, tuple[str, str]]]:
+    """Each interval in `text` with its (low, high), the minus sign written as '-'."""
+    return [(m, (m[1].replace("−", "-"), m[2].replace("−", "-"))) for m in INTERVAL.finditer(text)]
+
+
+@pytest.mark.parametrize("text, bounds", [
+    ("+0.0036 [+0.0022, +0.0050] (+12.2%)", [("+0.0022", "+0.0050")]),
+    ("0.2442 to 0.2148 [−0.0417, −0.0178 for the difference]", [("-0.0417", "-0.0178")]),
+    ("+0.0011 [-0.0015,\n+0.0036]", [("-0.0015", "+0.0036")]),
+    ("`[0.05, 0.1]`, [95% CI], [CI of B − A], [0.05, +0.1]", [])])
+def test_an_interval_is_two_signed_numbers_in_brackets(text, bounds):
+    assert [b for _, b in interval_bounds(text)] == bounds
+
+
+def test_every_paired_interval_on_a_page_is_in_a_committed_compare_record():
+    """A paired interval published on a page is one that a committed compare record holds (any row of
+    any docs/results/**/*compare-*.json, as `interval(row)` writes it): an interval computed from
+    per-user files that were not committed cannot be checked, and is not published."""
+    assert COMPARE_RECORDS, "no compare records in docs/results/"
+    recorded = {bounds for record in COMPARE_RECORDS for row in json.loads(record.read_text())["rows"]
+                for _, bounds in interval_bounds(interval(row))}
+    unrecorded = []
+    for page in RESULT_PAGES:
+        text = page.read_text()
+        unrecorded += [f"{page.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: [{m[1]}, {m[2]}]"
+                       for m, bounds in interval_bounds(text) if bounds not in recorded]
+    assert not unrecorded, f"{len(unrecorded)} intervals on the pages are in no committed compare record:\n" \
+        + "\n".join(unrecorded)
 
 
 @pytest.mark.parametrize("dataset, columns, best", [("ml1m", (0, 1), "a22e3_00002"), ("beauty", (2, 3), "94bce_00001")])
