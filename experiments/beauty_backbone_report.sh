@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+source experiments/common.sh
 OUT=${OUT:-runs/amazon-beauty}
 D=docs/results/amazon-beauty-backbone
 mkdir -p "$D"
@@ -23,12 +24,10 @@ for seed in "${SEEDS[@]}"; do
       stage3_on_stage1_content_all_users; do
     [ -f "$dir/$other/summary.json" ] || continue
     runs+=("$dir/$other")
-    "$PY" run.py compare "$dir/stage1" "$dir/$other" --common-users --item-count-bins 10 \
-        --json "$D/compare-stage1-$other-seed$seed.json" > "$D/compare-stage1-$other-seed$seed.md"
+    compare_record "$D/compare-stage1-$other-seed$seed" "$dir/stage1" "$dir/$other" --common-users --item-count-bins 10
   done
   all=$dir/stage3_on_stage1_content_all_users
-  [ ! -f "$all/summary.json" ] || "$PY" run.py compare "$dir/stage1_content" "$all" --item-count-bins 10 \
-      --json "$D/compare-stage1_content-stage3_on_stage1_content_all_users-seed$seed.json" \
-      > "$D/compare-stage1_content-stage3_on_stage1_content_all_users-seed$seed.md"
-  "$PY" run.py results "${runs[@]}" --out "$D/runs-seed$seed.json" > "$D/runs-seed$seed.md"
+  [ ! -f "$all/summary.json" ] || compare_record "$D/compare-stage1_content-stage3_on_stage1_content_all_users-seed$seed" \
+      "$dir/stage1_content" "$all" --item-count-bins 10
+  results_record "$D/runs-seed$seed" "${runs[@]}"
 done

@@ -15,6 +15,19 @@ sys.exit(not (s.get("stopped_by") == "patience" or s["epochs_run"] >= int(sys.ar
 # first save (only its own files)
 resume() { if [ -f "$1/state.pt" ]; then echo --resume "$1"; else echo --overwrite; fi; }
 
+# compare_record STEM RUN_A RUN_B [ARGS...]: `run.py compare` of the two runs, its record STEM.json and
+# the table it printed, STEM.md (the pair the pages quote and tests/test_published_tables.py checks)
+compare_record() {
+  local stem="$1"; shift
+  "$PY" run.py compare "$@" --json "$stem.json" > "$stem.md"
+}
+
+# results_record STEM RUN_DIR...: `run.py results` of the runs, its record STEM.json and its table STEM.md
+results_record() {
+  local stem="$1"; shift
+  "$PY" run.py results "$@" --out "$stem.json" > "$stem.md"
+}
+
 # stage_run CONFIG RUN_DIR [ARGS...]: one stage run of CONFIG into RUN_DIR for $seed, skipped once it has
 # a summary and resumed when it saved state; RUN_DIR joins the `runs` array either way
 stage_run() {

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+source experiments/common.sh
 OUT=${OUT:-runs/gap}
 D=docs/results/federation-gap
 mkdir -p "$D"
@@ -24,12 +25,11 @@ records() {
     local runs; runs=$(finished "$base"/seed202?/"$recipe")
     [ -n "$runs" ] || continue
     local name=${recipe#"$prefix"-}  # ml1m-c64-cos: ml1m-c64-cos.json, not ml1m-ml1m-c64-cos.json
-    "$PY" run.py results $runs --out "$D/$prefix-$name.json" > "$D/$prefix-$name.md"
+    results_record "$D/$prefix-$name" $runs
     for d in $runs; do
       local seed; seed=$(basename "$(dirname "$d")")
       [ -f "$base/$seed/centralized/summary.json" ] || continue  # no twin of that seed (yet)
-      "$PY" run.py compare "$base/$seed/centralized" "$d" --item-count-bins 10 \
-          --json "$D/$prefix-compare-$name-$seed.json" > "$D/$prefix-compare-$name-$seed.md"
+      compare_record "$D/$prefix-compare-$name-$seed" "$base/$seed/centralized" "$d" --item-count-bins 10
     done
   done
 }

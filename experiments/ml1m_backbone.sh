@@ -24,8 +24,7 @@ for seed in "${SEEDS[@]}"; do
   stage_run yamls/ml1m/stage2.yaml "$dir/stage2" --set "load=[{checkpoint: $s1/best.pt, groups: $BACKBONE}]"
   stage_run yamls/ml1m/stage3.yaml "$dir/stage3" --set "load=[{checkpoint: $s1/best.pt, groups: $BACKBONE}, {checkpoint: $dir/stage2/best.pt, groups: [visual_proj, text_proj, align_gating]}]"
   for stage in stage2 stage3; do
-    "$PY" run.py compare "$s1" "$dir/$stage" --common-users --item-count-bins 10 \
-        --json "$D/compare-stage1-$stage-seed$seed.json" > "$D/compare-stage1-$stage-seed$seed.md"
+    compare_record "$D/compare-stage1-$stage-seed$seed" "$s1" "$dir/$stage" --common-users --item-count-bins 10
   done
-  "$PY" run.py results "${runs[@]}" --out "$D/runs-seed$seed.json" > "$D/runs-seed$seed.md"
+  results_record "$D/runs-seed$seed" "${runs[@]}"
 done

@@ -13,17 +13,13 @@ PY=${PY:-.venv/bin/python}
 source experiments/common.sh
 seed=2020
 runs=()
-compare() {  # compare NAME RUN_A RUN_B [ARGS...]: the paired comparison's record and table
-  local name=$1; shift
-  "$PY" run.py compare "$@" --json $D/compare-$name.json > $D/compare-$name.md
-}
 records() {  # records PREFIX STAGE1 DEFAULT BEST BEST_NAME: results of both stage 2s and the three compares
   local prefix=$1 stage1=$2 default=$3 best=$4 best_name=$5
-  "$PY" run.py results $default --out $D/$prefix-stage2-default.json > $D/$prefix-stage2-default.md
-  "$PY" run.py results $best --out $D/$prefix-stage2-$best_name.json > $D/$prefix-stage2-$best_name.md
-  compare $prefix-stage2-default-best $default $best
-  compare $prefix-stage1-stage2-default $stage1 $default --common-users
-  compare $prefix-stage1-stage2-best $stage1 $best --common-users
+  results_record $D/$prefix-stage2-default $default
+  results_record $D/$prefix-stage2-$best_name $best
+  compare_record $D/compare-$prefix-stage2-default-best $default $best
+  compare_record $D/compare-$prefix-stage1-stage2-default $stage1 $default --common-users
+  compare_record $D/compare-$prefix-stage1-stage2-best $stage1 $best --common-users
 }
 case "${1:-ml1m}" in
   ml1m)
