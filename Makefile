@@ -1,11 +1,12 @@
 # make demo   - environment, ML-100K data and text features, stages 1-3 federated, popularity, one results table
 # make test   - environment (if missing), then the test suite (WORKERS=2 processes)
+# make test-quick - the same without the Flower deployments (a few minutes)
 # make flower - add the optional Flower install (federated.backend: flower; CI installs it)
 PYTHON ?= python3
 BIN := .venv/bin
 STAMP := .venv/.installed
 
-.PHONY: demo test venv data flower
+.PHONY: demo test test-quick venv data flower
 
 venv: $(STAMP)
 
@@ -42,8 +43,15 @@ demo: data
 	@echo "baseline-pop ranks every item by its training interactions: the floor a model must clear."
 	$(BIN)/python run.py report --out runs/demo/report.json runs/demo/popularity runs/demo/stage1 runs/demo/stage2 runs/demo/stage3
 
-# two pytest-xdist workers: the Flower deployment tests mostly wait on their nodes, so a 2-core machine
-# runs the rest beside them; one test at a time each (--maxschedchunk 1), as they take seconds to minutes
+# Two pytest-xdist workers, a module's tests in one of them (tests/conftest.py), and one torch thread
+# each: at torch's default of a thread per core, two workers oversubscribe 2 cores and the suite takes
+# more CPU and more time (docs/BENCHMARKS.md, "The test suite").
 WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --maxschedchunk 1
+	$(PYTEST)
+
+# everything but the Flower deployments (pytest.ini's `deployment` marker), which take most of the time
+test-quick: $(STAMP)
+	$(PYTEST) -m "not deployment"

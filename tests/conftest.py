@@ -19,9 +19,38 @@ from recbole_ext import compat  # noqa: E402,F401
 from recbole_ext.config import load_config  # noqa: E402
 
 
+# The modules whose tests take a minute or more together (docs/benchmarks-test-suite.json): under
+# pytest-xdist, where a module runs in one worker, they start first, so the workers end together.
+LONGEST = ("test_tune.py", "test_backends.py", "test_resume.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The Flower deployments first (pytest.ini's `deployment` marker), the rest in their order."""
-    items.sort(key=lambda item: item.get_closest_marker("deployment") is None)
+    """The Flower deployments first (pytest.ini's `deployment` marker), then the LONGEST modules, then
+    the rest in their order."""
+    def order(item):
+        name = item.path.name
+        return item.get_closest_marker("deployment") is None, LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+    items.sort(key=order)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (make test) a module's tests run in one worker, so its module-scoped fixtures
+    (built stages, trained runs, a sweep, a Ray cluster) are made once, not once per worker; only
+    test_flower.py's tests go out one by one, so its deployments run side by side. (pytest-xdist's own
+    `--dist loadgroup` does not group on pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def __init__(self, config, log):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # the collection's order (above), not by test count
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module.endswith("test_flower.py") else module
+
+    return ModuleScheduling(config, log)
 
 
 def recbole_example_dir() -> str:

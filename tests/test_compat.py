@@ -16,12 +16,22 @@ def test_numpy_aliases_restored():
     assert np.float_ is np.float64 and np.complex_ is np.complex128 and np.unicode_ is np.str_
 
 
-def test_importing_the_model_leaves_anomaly_detection_off():
+@pytest.fixture(scope="module")
+def fresh_process() -> dict:
+    """What a fresh interpreter shows: torch's anomaly detection after it imports the model and then
+    another RecBole model, and whether importing run.py and the pipeline imported recbole.quick_start."""
+    import json
     import subprocess
-    code = ("import sys, torch; sys.path.insert(0, '.'); import recbole_ext.model.ur4rec_moe; "
-            "import recbole.model.sequential_recommender.sine; print(torch.is_anomaly_enabled())")
+    code = ("import json, sys, torch; sys.path.insert(0, '.'); import recbole_ext.model.ur4rec_moe; "
+            "import recbole.model.sequential_recommender.sine; anomaly = torch.is_anomaly_enabled(); "
+            "import run; from recbole_ext import pipeline, training, evaluation; "
+            "print(json.dumps({'anomaly': anomaly, 'quick_start': 'recbole.quick_start' in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_model_leaves_anomaly_detection_off(fresh_process):
+    assert fresh_process["anomaly"] is False
 
 
 def test_recbole_config_ignores_command_line_flags(monkeypatch):
@@ -46,12 +56,8 @@ def test_recbole_config_keeps_the_device_asked_for_and_the_visible_gpus(monkeypa
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
 
 
-def test_recbole_quick_start_is_never_imported():
-    import subprocess
-    code = ("import sys; sys.path.insert(0, '.'); import run; from recbole_ext import pipeline, training, "
-            "evaluation; print('recbole.quick_start' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_recbole_quick_start_is_never_imported(fresh_process):
+    assert fresh_process["quick_start"] is False
 
 
 def test_loads_a_checkpoint_recbole_itself_saved(tmp_path):

@@ -32,12 +32,20 @@ def metrics(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
-def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
-    # 10 rounds: the kill lands after the third metrics line and before the last round
-    short = ("--set", "federated.rounds=10")
-    reference = tmp_path / "reference"
-    subprocess.run(command(reference, *short), check=True, capture_output=True)
+SHORT = ("--set", "federated.rounds=10")
 
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The smoke run's 10 rounds, never stopped (run in this process; each resume below is a fresh one)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert run_py.main(command(run_dir, *SHORT)[2:]) == 0
+    return run_dir
+
+
+def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, reference):
+    # 10 rounds: the kill lands after the third metrics line and before the last round
+    short = SHORT
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(killed, *short), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -72,27 +80,26 @@ def test_resume_refuses_a_changed_config(tmp_path, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
-def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(tmp_path, capsys):
-    reference, extended = tmp_path / "reference", tmp_path / "extended"
-    subprocess.run(command(reference, "--set", "federated.rounds=6"), check=True, capture_output=True)
+def test_a_finished_run_resumed_with_more_rounds_continues_as_if_never_stopped(tmp_path, capsys, reference):
+    extended = tmp_path / "extended"
     subprocess.run(command(extended, "--set", "federated.rounds=4"), check=True, capture_output=True)
     assert len(metrics(extended)) == 4
-    subprocess.run(command(extended, "--resume", str(extended), "--set", "federated.rounds=6"),
-                   check=True, capture_output=True)
+    subprocess.run(command(extended, "--resume", str(extended), *SHORT), check=True, capture_output=True)
     assert metrics(extended) == metrics(reference)
     summary = json.loads((extended / "summary.json").read_text())
     assert summary["test"] == json.loads((reference / "summary.json").read_text())["test"]
     assert summary["wall_seconds"] >= sum(json.loads(line)["seconds"]
                                           for line in (extended / "metrics.jsonl").read_text().splitlines())
 
-    shrink = command(extended, "--resume", str(extended), "--set", "federated.rounds=5")
-    assert run_py.main(shrink[2:]) == 2 and "federated.rounds 6 -> 5" in capsys.readouterr().err
+    capsys.readouterr()
+    shrink = command(extended, "--resume", str(extended), "--set", "federated.rounds=9")
+    assert run_py.main(shrink[2:]) == 2 and "federated.rounds 10 -> 9" in capsys.readouterr().err
 
 
 def test_a_run_stopped_by_patience_resumed_unchanged_trains_no_further(tmp_path):
     run_dir = tmp_path / "run"
     stopping = ["--set", "eval.every=1", "--set", "eval.patience=1"]
-    subprocess.run(command(run_dir, *stopping), check=True, capture_output=True)
+    assert run_py.main(command(run_dir, *stopping)[2:]) == 0  # in this process; the resume is a fresh one
     stopped = metrics(run_dir)
     assert len(stopped) < 30, "patience 1 should stop the smoke run before its 30 rounds"
     summary = (run_dir / "summary.json").read_text()

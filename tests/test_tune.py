@@ -397,27 +397,29 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(stage1, fe
     assert f"run.py tune --resume {sweep_dir}" in output, output[-3000:]
     assert not (sweep_dir / "trials.csv").exists()
     # --report of the stopped sweep: the ended trial as it ended, the cut one unfinished, no winner yet
-    reported = subprocess.run([sys.executable, str(ROOT / "run.py"), "tune", "--report", str(sweep_dir)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert reported.returncode == 0, reported.stderr[-3000:]
+    # the report and the resume in this process: a new driver, as the interrupted one was another process
+    reported = io.StringIO()
+    with contextlib.redirect_stdout(reported):
+        assert run.main(["tune", "--report", str(sweep_dir)]) == 0
     with open(sweep_dir / "trials.csv") as f:
         statuses = {row["trial"]: row["status"] for row in csv.DictReader(f)}
     assert statuses[first] == "ok" and sorted(statuses.values()) == ["ok", "unfinished"]
-    assert "1 of 2 trials ended" in reported.stdout and not (sweep_dir / "best.yaml").exists()
+    assert "1 of 2 trials ended" in reported.getvalue() and not (sweep_dir / "best.yaml").exists()
     before = (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns
     round1 = read_metrics(started)[0]
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), "tune", "--resume", str(sweep_dir)],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.strip().splitlines()[-1] == f"sweep folder: {sweep_dir}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run.main(["tune", "--resume", str(sweep_dir)]) == 0
+    resumed = out.getvalue()
+    assert resumed.strip().splitlines()[-1] == f"sweep folder: {sweep_dir}"
     rows = read_rows(sweep_dir)
     assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 2
     assert (sweep_dir / first / "run" / "metrics.jsonl").stat().st_mtime_ns == before  # not run again
     # only the other trial ended in this run
-    assert not any(line.startswith(first) for line in resumed.stdout.split("best trials:")[0].splitlines())
+    assert not any(line.startswith(first) for line in resumed.split("best trials:")[0].splitlines())
     # the resumed driver's status line counts the trial that ended before the restore
-    assert "sweep: 2/2 trials ended (2 ok, 0 pruned, 0 diverged, 0 error), 0 running, 0 waiting" in resumed.stdout
+    assert "sweep: 2/2 trials ended (2 ok, 0 pruned, 0 diverged, 0 error), 0 running, 0 waiting" in resumed
     # the trial cut off half-way continued from its saved state: round 1 was not run again
     resumed_rounds = read_metrics(started)
     assert [rec["round"] for rec in resumed_rounds] == list(range(1, rounds + 1)) and resumed_rounds[0] == round1
