@@ -70,6 +70,10 @@ def suite(workers: int, args: list[str], repo: Path, threads: int, label: str) -
             "slowest": {k: round(v, 1) for k, v in sorted(tests.items(), key=lambda kv: -kv[1])[:15]}}
 
 
+def threads_of(row: dict) -> str:
+    return str(row["threads"]) if row["threads"] else "torch's default"
+
+
 def table(record: dict) -> str:
     """The tables docs/BENCHMARKS.md shows, from a record: one row per suite, then the seconds each test
     file's tests took in each suite that ran more than the deployments (their pytest durations, summed
@@ -81,13 +85,13 @@ def table(record: dict) -> str:
         cpu = "–" if row["cpu_seconds"] is None else f"{row['cpu_seconds']:,.0f}"
         floor = "–" if row["cpu_seconds"] is None else f"{row['cpu_seconds'] / cores:,.0f}"
         selection = " ".join(row["pytest_args"]) or "all"
-        threads = row["threads"] or "torch's default"
-        lines.append(f"| {row['label']} | {selection} | {row['workers']} | {threads} | {row['summary'].split(' in ')[0]} | "
+        lines.append(f"| {row['label']} | {selection} | {row['workers']} | {threads_of(row)} | {row['summary'].split(' in ')[0]} | "
                      f"{row['wall_seconds']:,.0f} | {cpu} | {floor} | {row['test_seconds']:,.0f} |")
     rows = [row for row in record["rows"] if len(row["per_file_seconds"]) > 1]  # not the deployments alone
     files = list(rows[0]["per_file_seconds"])[:8]
+
     def heading(r):
-        return f"s: {r['label']}, {' '.join(r['pytest_args']) or 'all'}, -n {r['workers']}, {r['threads'] or 'default'} thread(s)"
+        return f"s: {r['label']}, {' '.join(r['pytest_args']) or 'all'}, -n {r['workers']}, threads: {threads_of(r)}"
 
     lines += ["", "| test file | " + " | ".join(heading(r) for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for name in files:

@@ -33,10 +33,10 @@ for seed in "${SEEDS[@]}"; do
     stage 3 "${s2/stage2/stage3}" --set "load=[{checkpoint: $dir/stage1_ce/best.pt, groups: $BACKBONE}, \
 {checkpoint: $dir/$s2/best.pt, groups: [visual_proj, text_proj, align_gating]}]"
   done
-  for pair in "stage3_ce stage3_ce_tuned" "stage1_ce stage3_ce" "stage1_ce stage3_ce_tuned"; do
-    read -r a b <<< "$pair"
-    compare_record "$D/compare-$a-$b-seed$seed" "$dir/$a" "$dir/$b"
-  done
+  pair() { compare_record "$D/compare-$1-$2-seed$seed" "$dir/$1" "$dir/$2"; }  # pair RUN_A RUN_B
+  pair stage3_ce stage3_ce_tuned
+  pair stage1_ce stage3_ce
+  pair stage1_ce stage3_ce_tuned
 done
 # the results file holds every seed's runs: written only by a run over all three
 [ $# -gt 0 ] || "$PY" run.py results "${runs[@]}" --out docs/results/ml-1m-stage2-choice.json

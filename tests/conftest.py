@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)
 
 
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest -p no:xdist` has no such hook
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist (make test) a module's tests run in one worker, so its module-scoped fixtures
     (built stages, trained runs, a sweep, a Ray cluster) are made once, not once per worker; only

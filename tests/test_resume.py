@@ -45,9 +45,8 @@ def reference(tmp_path_factory):
 
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, reference):
     # 10 rounds: the kill lands after the third metrics line and before the last round
-    short = SHORT
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed, *short), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(killed, *SHORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         path = killed / "metrics.jsonl"
@@ -59,7 +58,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, reference
     done = len(metrics(killed))
     assert 3 <= done < 10, "the kill should land before the run finished"
 
-    subprocess.run(command(killed, *short, "--resume", str(killed)), check=True, capture_output=True)
+    subprocess.run(command(killed, *SHORT, "--resume", str(killed)), check=True, capture_output=True)
     assert metrics(killed) == metrics(reference)
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (killed, reference))
     assert ours["test"] == theirs["test"] and ours["best_round"] == theirs["best_round"]
