@@ -52,3 +52,20 @@ def test_a_run_from_before_passes_were_recorded_is_refused_by_name(runs, tmp_pat
     err = capsys.readouterr().err
     assert str(old) in err and "passes" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_committed_record_draws_beside_new_runs_and_a_bad_one_is_named(runs, tmp_path, capsys):
+    first = tmp_path / "first.json"
+    assert run_py.main(["curves", str(runs / "fed"), str(runs / "central"), "--out", str(tmp_path / "a.png"),
+                        "--json", str(first)]) == 0
+    fed, central = json.loads(first.read_text())
+    again = tmp_path / "again.json"
+    assert run_py.main(["curves", str(runs / "central"), "--record", f"{first}#{fed['run']}",
+                        "--out", str(tmp_path / "b.png"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text()) == [fed, central]  # the record's curve as it was, then the run's
+    capsys.readouterr()
+    assert run_py.main(["curves", "--record", f"{first}#nope", "--out", str(tmp_path / "c.png")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert run_py.main(["curves", "--record", str(first), "--metric", "hit@10", "--out", str(tmp_path / "d.png")]) == 2
+    assert "not full hit@10" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists() and not (tmp_path / "d.png").exists()

@@ -2,6 +2,10 @@
 for a federated run, epochs for a centralized one) and wall time, for several runs on one figure.
 
     python run.py curves RUN_DIR [RUN_DIR ...] --out F.png [--json F.json] [--metric ndcg@10]
+                         [--record F.json[#RUN] ...]
+
+`--record` adds curves from a committed curves record (all of them, or the one labelled RUN), so new
+runs are drawn beside runs whose folders are gone.
 
 This is how federated recipes are compared with each other and with their centralized twin, and
 what a federated run costs in communication: every pass is one upload per user. The wall time is
@@ -21,13 +25,20 @@ from .results import load_runs, note
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="run.py curves", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     parser.add_argument("--out", required=True, help="the figure, e.g. docs/results/federation-gap.png")
     parser.add_argument("--json", help="also write the curves as records (run, passes, seconds, value)")
     parser.add_argument("--metric", default="ndcg@10", choices=[f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)])
     parser.add_argument("--protocol", default="full", choices=("full", "uni100"))
+    parser.add_argument("--record", action="append", default=[], metavar="F.json[#RUN]",
+                        help="also the curves of a curves record written by --json (or its run RUN)")
     args = parser.parse_args(argv)
-    curves = [curve(run, args.metric, args.protocol) for run in load_runs(args.run_dirs, allow_unfinished=True)]
+    if not args.run_dirs and not args.record:
+        parser.error("give at least one RUN_DIR or --record")
+    metric = f"{args.protocol} {args.metric}"
+    curves = [c for spec in args.record for c in recorded(spec, metric)]
+    if args.run_dirs:
+        curves += [curve(run, args.metric, args.protocol) for run in load_runs(args.run_dirs, allow_unfinished=True)]
     plot(curves, Path(args.out), f"validation {args.protocol} {args.metric}")
     if args.json:
         Path(args.json).write_text(json.dumps(curves, indent=1) + "\n")
@@ -62,6 +73,26 @@ def curve(run, metric: str, protocol: str) -> dict:
                | {"schedule": (fed.get("schedule") or {}).get("kind")} if run.trainer == "federated" else {})
     return {"run": run.label, "trainer": run.trainer, "setting": setting, "metric": f"{protocol} {metric}",
             "best": max(points, key=lambda p: p["value"]), "points": points}
+
+
+def recorded(spec: str, metric: str) -> list[dict]:
+    """The curves of a record `F.json`, or its one curve labelled RUN for `F.json#RUN`; each must
+    be of `metric`, so one figure never mixes two metrics."""
+    path, _, label = spec.partition("#")
+    try:
+        curves = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--record {path}: not a readable curves record ({exc})") from None
+    if not isinstance(curves, list) or not all(isinstance(c, dict) and "points" in c for c in curves):
+        raise UserError(f"--record {path}: not a curves record (run.py curves --json writes one)")
+    if label:
+        curves = [c for c in curves if c["run"] == label]
+        if not curves:
+            raise UserError(f"--record {spec}: no run {label!r} in {path}")
+    for c in curves:
+        if c["metric"] != metric:
+            raise UserError(f"--record {spec}: run {c['run']!r} is {c['metric']}, not {metric}")
+    return curves
 
 
 def plot(curves: list[dict], path: Path, ylabel: str) -> None:
