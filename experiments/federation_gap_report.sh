@@ -4,7 +4,7 @@
 # the paired comparisons of each finished seed with the centralized twin of the same seed (test, all
 # users, 10,000 resamples, targets sliced at 10 training interactions). Unfinished runs contribute
 # their curves only; a dataset without runs under OUT keeps its committed records.
-#   experiments/federation_gap_report.sh [amazon] [ml1m]   (OUT=runs/gap, writes docs/results/federation-gap/)
+#   experiments/federation_gap_report.sh [amazon] [axes] [ml1m]   (OUT=runs/gap, writes docs/results/federation-gap/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,6 +13,7 @@ OUT=${OUT:-runs/gap}
 D=docs/results/federation-gap
 mkdir -p "$D"
 existing() { for d in "$@"; do if [ -d "$d" ]; then echo "$d"; fi; done; }
+validated() { for d in "$@"; do if grep -qs '"valid"' "$d/metrics.jsonl"; then echo "$d"; fi; done; }
 finished() { for d in "$@"; do if [ -f "$d/summary.json" ]; then echo "$d"; fi; done; }
 
 # records PREFIX BASE RECIPE...: results of the centralized twins and of each recipe, and each
@@ -43,6 +44,17 @@ amazon() {
   records beauty "$B" "${recipes[@]}"
 }
 
+# axes: the study's other axes on Beauty, seed 2020 (c256-cos with one server or client setting
+# changed, and 1,024 clients a round), beside the committed curves of the seed-2020 c256-cos and
+# centralized twin (their folders are gone), and the test record of each finished one
+axes() {
+  local B=$OUT/amazon/seed2020 C=$D/beauty-curves.json
+  local runs=("$B"/c256-cos-tau6 "$B"/c256-cos-tau5 "$B"/c256-cos-b99 "$B"/c1024-cos "$B"/c256-cos-e2 "$B"/c256-cos-e3)
+  "$PY" run.py curves $(validated "${runs[@]}") --record "$C#seed2020/centralized" --record "$C#seed2020/c256-cos" \
+      --out "$D/beauty-axes-curves.png" --json "$D/beauty-axes-curves.json" > "$D/beauty-axes-curves.md"
+  for run in $(finished "${runs[@]}"); do results_record "$D/beauty-$(basename "$run")" "$run"; done
+}
+
 # ml1m-curves.* keep the first recipe tried (ml1m-c128-cos, stopped at 3 passes); ml1m-c64-curves.*
 # are the 64-client recipes beside their centralized twins
 ml1m() {
@@ -53,8 +65,13 @@ ml1m() {
 }
 
 [ $# -gt 0 ] || set -- amazon ml1m
-for dataset in "$@"; do
-  case $dataset in amazon|ml1m) ;; *) echo "unknown dataset $dataset (amazon or ml1m)" >&2; exit 2;; esac
-  if [ -d "$OUT/$dataset" ]; then "$dataset"; else echo "no runs in $OUT/$dataset: its records stay as they are" >&2; fi
+for report in "$@"; do
+  case $report in
+    amazon) needs=$OUT/amazon/seed2020/centralized;;  # its curves are drawn around the seed-2020 twin
+    axes) needs=$OUT/amazon;;
+    ml1m) needs=$OUT/ml1m;;
+    *) echo "unknown report $report (amazon, axes or ml1m)" >&2; exit 2;;
+  esac
+  if [ -d "$needs" ]; then "$report"; else echo "no $needs: the $report records stay as they are" >&2; fi
 done
 ls -l "$D"
