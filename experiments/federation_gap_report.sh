@@ -46,14 +46,14 @@ amazon() {
 
 # axes: the study's other axes on Beauty, seed 2020 (c256-cos with one server or client setting
 # changed, and 1,024 clients a round), beside the committed curves of the seed-2020 c256-cos and
-# centralized twin (their folders are gone), and the test records of the finished ones
+# centralized twin (their folders are gone), and the test record of each finished one
 axes() {
   local B=$OUT/amazon/seed2020 C=$D/beauty-curves.json
   local runs=("$B"/c256-cos-tau6 "$B"/c256-cos-tau5 "$B"/c256-cos-b99 "$B"/c1024-cos "$B"/c256-cos-e2 "$B"/c256-cos-e3)
   "$PY" run.py curves $(validated "${runs[@]}") --record "$C#seed2020/centralized" --record "$C#seed2020/c256-cos" \
       --out "$D/beauty-axes-curves.png" --json "$D/beauty-axes-curves.json" > "$D/beauty-axes-curves.md"
-  local ended; ended=$(finished "${runs[@]}")
-  [ -z "$ended" ] || results_record "$D/beauty-axes" $ended
+  # one record per run: they share a config name and a seed, so one record would average them as seeds
+  for run in $(finished "${runs[@]}"); do results_record "$D/beauty-$(basename "$run")" "$run"; done
 }
 
 # ml1m-curves.* keep the first recipe tried (ml1m-c128-cos, stopped at 3 passes); ml1m-c64-curves.*
