@@ -17,19 +17,20 @@ out=${OUT:-runs/gap}/$dataset/seed$seed
 # Every recipe: full softmax, one unclipped local SGD step (the vectorized backend's pooled round),
 # FedAdam, no early stop before the budget (patience 100), about 15 passes over the users.
 COMMON=(--set loss.type=ce --set optim.clip_grad_norm=null --set eval.patience=100 --set state_every=10)
+C256_COS="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"  # the shipped recipe; the axes below change one setting of it
 declare -A RECIPES=(
   [c512-const]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 eval.every=33"
   [c512-cos]="federated.clients_per_round=512 federated.rounds=660 federated.server_lr=0.003 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=33"
-  [c256-cos]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
+  [c256-cos]="$C256_COS"
   [c256-cos-lr2]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.002 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
   [c1024-cos]="federated.clients_per_round=1024 federated.rounds=330 federated.server_lr=0.004 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=17"
-  # c256-cos with one server or client setting changed: tau at the scale of the updates (median
-  # |Delta| about 2e-6, 90th percentile 6e-5 to 1e-4), Flower's beta2, several local steps
-  [c256-cos-tau6]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.server_tau=1.0e-6 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
-  [c256-cos-tau5]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.server_tau=1.0e-5 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
-  [c256-cos-b99]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.server_beta2=0.99 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
-  [c256-cos-e2]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.local_epochs=2 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
-  [c256-cos-e3]="federated.clients_per_round=256 federated.rounds=1320 federated.server_lr=0.001 federated.local_epochs=3 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=66"
+  # tau at the scale of the updates (median |Delta| about 2e-6, 90th percentile 6e-5 to 1e-4),
+  # Flower's beta2, several local steps
+  [c256-cos-tau6]="$C256_COS federated.server_tau=1.0e-6"
+  [c256-cos-tau5]="$C256_COS federated.server_tau=1.0e-5"
+  [c256-cos-b99]="$C256_COS federated.server_beta2=0.99"
+  [c256-cos-e2]="$C256_COS federated.local_epochs=2"
+  [c256-cos-e3]="$C256_COS federated.local_epochs=3"
   [ml1m-c128-cos]="federated.clients_per_round=128 federated.rounds=472 federated.server_lr=0.002 federated.schedule.kind=cosine federated.schedule.floor=0.05 eval.every=24"
   # ML-1M users hold 3.7 windows each: 64 clients a round is the centralized batch of 256 windows,
   # 2,831 rounds are its 30 epochs (30 passes), 1,416 half of them
